@@ -1,0 +1,303 @@
+"""The one typed configuration: every key, its default, its documentation and its validation.
+
+Used by every task: ``python main.py --task train|evaluate|inference [--config FILE] [--KEY VALUE ...]``.
+Precedence: the defaults below < the YAML file (``--config``, default ``config.yaml``) < command-line flags.
+Every key is also a flag (``--lora_r 16``; lists as ``a,b,c``; ``null`` for none; booleans as a bare flag or
+``true``/``false``). All problems are collected and reported together in one ``UserError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad config, missing file). main() prints it and exits 2."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False):
+    meta = {"help": help, "choices": choices, "cli_only": cli_only}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- task -------------------------------------------------------------------------------------
+    task: str | None = _f(None, "what to run", ("train", "evaluate", "inference"))
+    # --- model ------------------------------------------------------------------------------------
+    model_name_or_path: str = _f("./Qwen3-1.7B", "local model folder or hub name (hub only when online)")
+    model_type: str = _f("llm", "llm (AutoModelForCausalLM) or vlm (AutoModelForImageTextToText)", ("llm", "vlm"))
+    tiny_model: str | None = _f(None, "offline demo only: build a random-initialised tiny model of this "
+                                "architecture at model_name_or_path when that folder is absent",
+                                ("qwen3", "gpt2", "opt", "qwen3_vl"))
+    trust_remote_code: bool = _f(False, "allow a checkpoint's own Python code to run (only for models you trust)")
+    device: str = _f("auto", "auto (all GPUs via device_map), cpu, cuda (= cuda:0) or cuda:N")
+    dtype: str = _f("auto", "weights/compute dtype: auto (bf16 or fp16 on GPU, fp32 on CPU), float32, "
+                    "float16, bfloat16", ("auto", "float32", "float16", "bfloat16"))
+    train_quantization_bit: int | None = _f(None, "load the base model in 4 or 8 bit for training (bitsandbytes)",
+                                            (4, 8, None))
+    inference_quantization_bit: int | None = _f(None, "load the base model in 4 or 8 bit for evaluate/inference",
+                                                (4, 8, None))
+    attn_implementation: str | None = _f(None, "attention backend: null (library default), eager, sdpa, "
+                                         "flash_attention_2", (None, "eager", "sdpa", "flash_attention_2"))
+    # --- data -------------------------------------------------------------------------------------
+    data_dir: str = _f("./data/llm", "LLM: folder with train.json and validation.json")
+    dataset_name: str | None = _f(None, "LLM: a hub dataset with text/target columns instead of data_dir")
+    dataset_config_name: str | None = _f(None, "LLM: the hub dataset's configuration name")
+    system_prompt: str | None = _f(None, "LLM: optional system message put before every question")
+    max_length: int = _f(1024, "most tokens per training sample (prompt + answer); longer ones are cut and counted")
+    image_dir: str = _f("./data/vlm/images", "VLM: folder of images whose name prefix is the label code")
+    prompt_file: str = _f("./data/vlm/prompt.json", "VLM: system prompt, plain text or JSON with system_prompt")
+    label_map_file: str = _f("./data/vlm/label_map.json", "VLM: positional label map with defaults")
+    instruction: str | None = _f(None, "VLM: optional text put after the image in the user turn")
+    validation_split: float = _f(0.2, "VLM: share of images held out for validation (stratified by label code)")
+    skip_invalid_images: bool = _f(False, "VLM: warn about and skip images whose code does not fit the label map")
+    image_min_pixels: int = _f(32 * 32 * 4, "VLM: smallest image area after resizing (one token per 32x32 pixels)")
+    image_max_pixels: int = _f(32 * 32 * 512, "VLM: largest image area after resizing (512 image tokens)")
+    freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
+    lora_on_vision: bool = _f(False, "VLM: also put LoRA on the vision encoder's linear layers")
+    # --- outputs ----------------------------------------------------------------------------------
+    output_dir: str = _f("./output", "root of the outputs; each base model gets output_dir/<model-name>/")
+    # --- training ---------------------------------------------------------------------------------
+    num_train_epochs: float = _f(3.0, "passes over the training data")
+    per_device_train_batch_size: int = _f(2, "samples per step and device")
+    per_device_eval_batch_size: int = _f(8, "samples per evaluation/generation batch")
+    gradient_accumulation_steps: int = _f(1, "steps whose gradients add up before one optimizer update")
+    learning_rate: float = _f(2e-4, "peak learning rate (LoRA: 1e-4 to 1e-3)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "share of the steps spent warming the learning rate up")
+    lr_scheduler_type: str = _f("cosine", "learning-rate schedule",
+                                ("linear", "cosine", "constant", "constant_with_warmup"))
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    logging_steps: int = _f(10, "log the loss every N optimizer steps")
+    save_strategy: str = _f("epoch", "when to write checkpoint-N: epoch, steps (every save_steps) or no",
+                            ("epoch", "steps", "no"))
+    save_steps: int = _f(500, "with save_strategy: steps, save every N optimizer steps")
+    eval_strategy: str = _f("epoch", "when to compute the validation loss: epoch, steps or no",
+                            ("epoch", "steps", "no"))
+    save_total_limit: int | None = _f(3, "keep at most N checkpoints (null keeps all)")
+    seed: int = _f(42, "random seed (initialisation, shuffling, the VLM split)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    group_by_length: bool = _f(True, "batch samples of similar length together (less padding)")
+    packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
+    use_liger_kernel: bool = _f(False, "use Liger kernels (GPU, package liger-kernel)")
+    torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")
+    resume_from_checkpoint: str | None = _f(None, "auto (latest checkpoint-N in the run folder) or a path")
+    overwrite_output_dir: bool = _f(False, "allow training over an adapter of another base model")
+    # --- LoRA -------------------------------------------------------------------------------------
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x r")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
+    target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA, or all-linear")
+    # --- generation (evaluate and inference) -----------------------------------------------------
+    max_new_tokens: int = _f(512, "most tokens generated per answer")
+    temperature: float = _f(0.0, "sampling temperature; 0 means greedy decoding")
+    top_p: float = _f(1.0, "nucleus sampling threshold in (0, 1]")
+    repetition_penalty: float = _f(1.0, "penalty > 1 discourages repeating tokens")
+    max_eval_samples: int | None = _f(None, "evaluate only the first N validation samples")
+    # --- inference --------------------------------------------------------------------------------
+    use_original_model: bool = _f(False, "evaluate/infer with the base model, without the LoRA adapter")
+    input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image folder or list")
+    output: str | None = _f(None, "batch inference: where to write the predictions (.jsonl)")
+    max_input_chars: int = _f(8000, "REPL/batch: longer inputs are truncated with a note")
+    # --- misc -------------------------------------------------------------------------------------
+    log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
+    debug: bool = _f(False, "show full tracebacks for user errors")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """The folder name under output_dir: the last part of model_name_or_path."""
+        return Path(str(self.model_name_or_path).rstrip("/\\")).name or "model"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.model_name
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.run_dir / "lora_model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = get_type_hints(Config)
+
+
+def _base_type(name: str):
+    """The non-None type of a field (int for `int | None`, list for `list[str]`)."""
+    hint = _HINTS[name]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) is list:
+        return list
+    return args[0] if args else hint
+
+
+def _nullable(name: str) -> bool:
+    return type(None) in get_args(_HINTS[name])
+
+
+def _convert(name: str, value: Any, from_cli: bool) -> Any:
+    """Convert one raw value to the field's type, or raise ValueError with a short reason."""
+    base = _base_type(name)
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and _nullable(name):
+        return None
+    if value is None:
+        if _nullable(name):
+            return None
+        raise ValueError("may not be null")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if base is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"expected a list of names (a,b,c), got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected text, got {type(value).__name__}")
+        return str(value)
+    return value
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+    if not close:  # common synonyms difflib misses (lora_rank -> lora_r)
+        close = [k for k in FIELDS if k in name or (len(name) > 4 and name in k)][:1]
+    return f" (did you mean `{close[0]}`?)" if close else " (see README: Configuration)"
+
+
+def _check_ranges(cfg: Config) -> list[str]:
+    p: list[str] = []
+
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            p.append(f"`{key}` = {getattr(cfg, key)!r}: {msg}")
+
+    for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "max_length", "max_new_tokens", "logging_steps", "save_steps",
+                "max_input_chars", "image_min_pixels", "image_max_pixels"):
+        need(getattr(cfg, key) > 0, key, "must be > 0")
+    need(cfg.learning_rate > 0, "learning_rate", "must be > 0 (LoRA usually 1e-4 to 1e-3)")
+    need(cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(cfg.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 = off)")
+    need(0 < cfg.validation_split < 1, "validation_split", "must be in (0, 1)")
+    need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
+    need(cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
+    need(cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
+    need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
+         "use auto, cpu, cuda or cuda:N")
+    return p
+
+
+def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = None) -> Config:
+    """Merge defaults < raw (from `source`) < cli, convert and validate; raise one UserError listing all problems."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for layer, where, from_cli in ((raw, source, False), (cli or {}, "command line", True)):
+        for key, value in layer.items():
+            if key not in FIELDS:
+                flag = f"--{key}" if from_cli else f"`{key}`"
+                problems.append(f"{where}: unknown key {flag}{_suggest(key)}")
+                continue
+            try:
+                values[key] = _convert(key, value, from_cli)
+            except ValueError as e:
+                problems.append(f"{where}: `{key}` {e}")
+                continue
+            choices = FIELDS[key].metadata["choices"]
+            if choices is not None and values[key] not in choices and not (values[key] is None and _nullable(key)):
+                allowed = ", ".join("null" if c is None else str(c) for c in choices)
+                problems.append(f"{where}: `{key}` = {value!r} is not allowed; use one of: {allowed}")
+    if problems:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    cfg = Config(**values)
+    if cfg.device == "cuda":
+        cfg.device = "cuda:0"
+    if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
+        cfg.target_modules = ["all-linear"]
+    problems = _check_ranges(cfg)
+    if problems:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def read_yaml(path: str | Path, required: bool) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise UserError(f"config file {path} not found; pass an existing file with --config, "
+                            "or copy config.yaml from the repository")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def add_flags(parser) -> None:
+    """One flag per config key, all parsed as text and converted by build_config (one error list)."""
+    for name, f in FIELDS.items():
+        if name == "task":
+            continue
+        meta = f.metadata
+        if _base_type(name) is bool:
+            parser.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL",
+                                help=meta["help"])
+        else:
+            parser.add_argument(f"--{name}", default=None, help=meta["help"])

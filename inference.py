@@ -1,0 +1,182 @@
+"""Interactive and batch inference with the trained adapter (or the base model).
+
+    python main.py --task inference                                  REPL: a question (LLM) or an image path (VLM)
+    python main.py --task inference --use_original_model             the same with the base model
+    python main.py --task inference --input questions.json --output preds.jsonl
+    python main.py --task inference --input data/vlm/images --output preds.jsonl
+
+The REPL reads lines from stdin (a pipe works), streams LLM answers as they are generated, ignores empty lines
+and ends on exit, quit or EOF. A bad line gets a message; the loaded model stays loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from config import Config, UserError
+from data_processing import IMAGE_SUFFIXES, Example, check_image, list_images, read_json, system_prompt
+from generation import generate_batch, parse_json
+from model_config import load_for_inference
+from outputs import write_jsonl
+
+logger = logging.getLogger(__name__)
+EXIT_WORDS = {"exit", "quit", ":q"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch mode
+def read_text_inputs(path: Path) -> list[Example]:
+    """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings)."""
+    if not path.is_file():
+        raise UserError(f"input file {path} not found")
+    if path.suffix.lower() == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [Example(line.strip(), "", source=f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()]
+    if path.suffix.lower() == ".jsonl":
+        items = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {i + 1} is not valid JSON: {e.msg}") from None
+    else:
+        items = read_json(path, "input file")
+        if not isinstance(items, list):
+            raise UserError(f"{path}: expected a JSON array of objects with \"text\"")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"text": item}
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"].strip():
+            raise UserError(f"{path}: entry {i} needs a non-empty \"text\" string")
+        target = item.get("target")
+        out.append(Example(item["text"], target if isinstance(target, str) else None, source=f"{path}[{i}]"))
+    return out
+
+
+def read_image_inputs(path: Path) -> list[Example]:
+    """A folder of images, or a .txt/.json list of image paths (relative to the list's folder)."""
+    if path.is_dir():
+        files = list_images(path)
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        files = [path]
+    elif path.is_file():
+        if path.suffix.lower() == ".json":
+            names = read_json(path, "image list")
+        else:
+            names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
+        files = [p if p.is_absolute() else (path.parent / p if (path.parent / p).exists() else p)
+                 for p in map(Path, names)]
+    else:
+        raise UserError(f"--input {path} is neither an image folder nor a file listing images")
+    out, bad = [], []
+    for f in files:
+        reason = "not found" if not f.is_file() else check_image(f)
+        if reason:
+            bad.append(f"{f}: {reason}")
+        else:
+            out.append(Example("", None, image=str(f), source=str(f)))
+    if bad:
+        logger.warning("skipping %d unusable images: %s", len(bad), "; ".join(bad[:5]))
+    if not out:
+        raise UserError(f"no readable images in {path}")
+    return out
+
+
+def run_batch(model, processor, cfg: Config) -> int:
+    path = Path(cfg.input).expanduser()
+    examples = read_image_inputs(path) if cfg.model_type == "vlm" else read_text_inputs(path)
+    for e in examples:
+        if len(e.prompt) > cfg.max_input_chars:
+            logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)
+            e.prompt = e.prompt[:cfg.max_input_chars]
+    output = Path(cfg.output) if cfg.output else cfg.run_dir / "predictions.jsonl"
+    preds = generate_batch(model, processor, examples, cfg, system_prompt(cfg), progress=True)
+    if cfg.model_type == "vlm":
+        rows = [{"file": e.image, "prediction": parse_json(p), "raw": p} for e, p in zip(examples, preds)]
+    else:
+        rows = [{"text": e.prompt, "prediction": p, **({"target": e.target} if e.target is not None else {})}
+                for e, p in zip(examples, preds)]
+    write_jsonl(output, rows)
+    logger.info("%d predictions written to %s", len(rows), output)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# REPL
+def _read_line(stream) -> str | None:
+    """One line from stdin as text; None at EOF. Undecodable bytes raise UnicodeDecodeError."""
+    raw = stream.readline()
+    if not raw:
+        return None
+    return raw.decode("utf-8").rstrip("\r\n") if isinstance(raw, bytes) else raw.rstrip("\r\n")
+
+
+def answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
+    from transformers import TextStreamer
+
+    if cfg.model_type == "vlm":
+        path = Path(line.strip().strip("'\"")).expanduser()
+        if not path.is_file():
+            print(f"[image not found: {path}]", flush=True)
+            return
+        reason = check_image(path)
+        if reason:
+            print(f"[cannot read image {path}: {reason}]", flush=True)
+            return
+        raw = generate_batch(model, processor, [Example(cfg.instruction or "", None, image=str(path))], cfg, system)[0]
+        parsed = parse_json(raw)
+        print(json.dumps(parsed, ensure_ascii=False, indent=2) if parsed is not None else raw, flush=True)
+        return
+    if len(line) > cfg.max_input_chars:
+        print(f"[input is {len(line)} characters; truncated to max_input_chars={cfg.max_input_chars}]", flush=True)
+        line = line[:cfg.max_input_chars]
+    tok = getattr(processor, "tokenizer", processor)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    generate_batch(model, processor, [Example(line, None)], cfg, system, streamer=streamer)
+    sys.stdout.flush()
+
+
+def repl(model, processor, cfg: Config, stream=None) -> int:
+    stream = stream if stream is not None else sys.stdin.buffer
+    system = system_prompt(cfg)
+    what = "an image path" if cfg.model_type == "vlm" else "a question"
+    label = "base model" if cfg.use_original_model else "fine-tuned model"
+    print(f"Ready ({label}). Type {what}; exit, quit or Ctrl-D to leave.", flush=True)
+    while True:
+        print("> ", end="", flush=True)
+        try:
+            line = _read_line(stream)
+        except UnicodeDecodeError:
+            print("[that line is not valid UTF-8 text; try again]", flush=True)
+            continue
+        except KeyboardInterrupt:
+            print()
+            return 0
+        if line is None:
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip().lower() in EXIT_WORDS:
+            return 0
+        try:
+            answer_one(model, processor, cfg, line, system)
+        except KeyboardInterrupt:
+            print("\n[generation interrupted]", flush=True)
+        except Exception as e:  # noqa: BLE001 - the session outlives one failed answer
+            logger.debug("generation failed", exc_info=True)
+            print(f"[could not answer: {type(e).__name__}: {e}]", flush=True)
+
+
+def run(cfg: Config) -> int:
+    if cfg.model_type == "vlm":
+        system_prompt(cfg)  # a missing prompt file is reported before the model loads
+    model, processor = load_for_inference(cfg)
+    if cfg.input:
+        return run_batch(model, processor, cfg)
+    return repl(model, processor, cfg)

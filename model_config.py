@@ -1,0 +1,329 @@
+"""Base-model loading, device/dtype, quantization, LoRA attach and adapter loading, for every task.
+
+Used by:
+    python main.py --task train       load_base(cfg, "train") + attach_lora(model, cfg)
+    python main.py --task evaluate    load_base(cfg, "inference") + load_adapter(model, cfg)
+    python main.py --task inference   same as evaluate; --use_original_model skips the adapter
+
+LLM and VLM differ only in the Auto class and the processor (AutoTokenizer vs AutoProcessor); LoRA on a VLM
+goes to the language model unless `lora_on_vision` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from config import Config, UserError
+
+logger = logging.getLogger(__name__)
+
+# Standard (Llama/Qwen) names -> what other architectures call the same projection.
+MODULE_ALIASES = {
+    "q_proj": ["c_attn", "query_key_value", "Wqkv", "qkv_proj", "query", "q"],
+    "k_proj": ["c_attn", "query_key_value", "Wqkv", "qkv_proj", "key", "k"],
+    "v_proj": ["c_attn", "query_key_value", "Wqkv", "qkv_proj", "value", "v"],
+    "o_proj": ["out_proj", "c_proj", "dense", "o"],
+    "gate_proj": ["w1", "c_fc"],
+    "up_proj": ["fc1", "c_fc", "w3", "dense_h_to_4h"],
+    "down_proj": ["fc2", "c_proj", "w2", "dense_4h_to_h"],
+}
+VISION_PATTERN = r"(visual|vision_tower|vision_model|image_encoder)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# device and dtype
+def resolve_device(cfg: Config):
+    """-> (device_map for from_pretrained, the torch.device inputs go to)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return {"": "cpu"}, torch.device("cpu")
+    if cfg.device == "mps":
+        return {"": "mps"}, torch.device("mps")
+    if not torch.cuda.is_available():
+        raise UserError(f"`device` = {cfg.device!r} but no CUDA GPU is visible here; use --device cpu or --device auto")
+    if local_rank >= 0:  # accelerate/torchrun: one full copy per process
+        return {"": local_rank}, torch.device(f"cuda:{local_rank}")
+    if cfg.device == "auto":
+        if torch.cuda.device_count() > 1:
+            logger.info("device auto: spreading the model over %d GPUs", torch.cuda.device_count())
+            return "auto", torch.device("cuda:0")
+        return {"": 0}, torch.device("cuda:0")
+    index = int(cfg.device.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise UserError(f"`device` = {cfg.device!r} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                        "use cuda:0, auto or cpu")
+    return {"": index}, torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU. Half precision on CPU -> fp32."""
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = getattr(torch, cfg.dtype)
+    if device.type == "cpu" and dtype == torch.float16:
+        logger.warning("dtype float16 is slow and unstable on CPU; using float32 instead")
+        return torch.float32
+    return dtype
+
+
+def quantization_config(bits: int | None, dtype: torch.dtype, cfg: Config):
+    """BitsAndBytesConfig for 4/8-bit loading; the vision tower and lm_head stay in `dtype`."""
+    if bits is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UserError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+    skip = ["lm_head", "visual", "vision_tower", "multi_modal_projector"] if cfg.model_type == "vlm" else ["lm_head"]
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+def ensure_model_present(cfg: Config) -> None:
+    path = Path(cfg.model_name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {path} has no config.json; it should hold a Hugging Face checkpoint "
+                            "(config.json, *.safetensors, tokenizer files)")
+        return
+    if cfg.tiny_model:
+        import tiny_models
+
+        logger.info("building the tiny random-initialised %s demo model at %s (it only shows the pipeline)",
+                    cfg.tiny_model, path)
+        tiny_models.build(cfg.tiny_model, path)
+        return
+    looks_local = cfg.model_name_or_path.startswith((".", "/", "~")) or "\\" in cfg.model_name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if looks_local or offline:
+        raise UserError(
+            f"model {cfg.model_name_or_path} not found. Download it first, e.g. "
+            f"`huggingface-cli download Qwen/{path.name} --local-dir {cfg.model_name_or_path}`, "
+            "or set --model_name_or_path to an existing folder (or a hub name when online)")
+
+
+def _load_processor(cfg: Config, purpose: str):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    kwargs = dict(trust_remote_code=cfg.trust_remote_code)
+    if cfg.model_type == "vlm":
+        processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, **kwargs)
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is None:
+            raise UserError(f"{cfg.model_name_or_path} has no image processor; is it a VLM? (model_type: vlm)")
+        image_processor.size = {"shortest_edge": cfg.image_min_pixels, "longest_edge": cfg.image_max_pixels}
+        for attr, value in (("min_pixels", cfg.image_min_pixels), ("max_pixels", cfg.image_max_pixels)):
+            if hasattr(image_processor, attr):
+                setattr(image_processor, attr, value)
+        tokenizer = processor.tokenizer
+    else:
+        processor = tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Training pads on the right (labels line up); generation pads on the left (prompts end together).
+    tokenizer.padding_side = "right" if purpose == "train" else "left"
+    return processor
+
+
+def _fp8_config(cfg: Config, device: torch.device):
+    """FP8 checkpoints run as FP8 on GPUs with compute capability >= 8.9, else are dequantized on load."""
+    try:
+        raw = json.loads((Path(cfg.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qc = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
+    if not qc or qc.get("quant_method") != "fp8":
+        return None
+    from transformers import FineGrainedFP8Config
+
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if native:
+        logger.info("FP8 checkpoint: loading FP8 weights, computing (and training LoRA) in the compute dtype")
+        return None  # transformers reads the checkpoint's own quantization_config
+    logger.info("FP8 checkpoint on a device without FP8 support: dequantizing the weights on load")
+    keep = {k: v for k, v in qc.items() if k in ("weight_block_size", "activation_scheme", "modules_to_not_convert")}
+    return FineGrainedFP8Config(dequantize=True, **keep)
+
+
+def load_base(cfg: Config, purpose: str):
+    """Load the base model and its processor for `purpose` ('train' or 'inference') -> (model, processor)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    ensure_model_present(cfg)
+    device_map, device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    bits = cfg.train_quantization_bit if purpose == "train" else cfg.inference_quantization_bit
+    quant = quantization_config(bits, dtype, cfg) or _fp8_config(cfg, device)
+    auto_class = AutoModelForImageTextToText if cfg.model_type == "vlm" else AutoModelForCausalLM
+    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code,
+                  use_safetensors=None)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    processor = _load_processor(cfg, purpose)
+    try:
+        model = auto_class.from_pretrained(cfg.model_name_or_path, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load model {cfg.model_name_or_path}: {e}. Without network, download the "
+                        "weights first and point --model_name_or_path at the folder") from None
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            other = "llm" if cfg.model_type == "vlm" else "vlm"
+            raise UserError(f"{cfg.model_name_or_path} cannot be loaded as model_type {cfg.model_type}; "
+                            f"try --model_type {other}") from None
+        raise
+    if getattr(model, "hf_quantizer", None) is not None and quant is not None and not bits:
+        model = model.to(dtype)  # a dequantized FP8 checkpoint comes back in bf16
+    model.config.use_cache = purpose != "train"
+    logger.info("loaded %s (%s, %s%s) on %s", cfg.model_name_or_path, type(model).__name__, str(dtype).split(".")[-1],
+                f", {bits}-bit" if bits else "", device_map if isinstance(device_map, str) else device)
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA
+def linear_module_names(model: nn.Module, include_vision: bool = True) -> list[str]:
+    """Leaf names of the layers LoRA can wrap (Linear, GPT-2's Conv1D, bitsandbytes layers), sorted."""
+    names = set()
+    for full, module in model.named_modules():
+        if not include_vision and re.search(VISION_PATTERN, full):
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear8bitLt", "Linear4bit"):
+            names.add(full.split(".")[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def resolve_target_modules(model: nn.Module, cfg: Config) -> list[str]:
+    """Map the configured names onto the architecture's own (GPT-2: q_proj,v_proj -> c_attn)."""
+    include_vision = cfg.model_type != "vlm" or cfg.lora_on_vision
+    available = linear_module_names(model, include_vision)
+    if cfg.target_modules == ["all-linear"]:
+        return available
+    resolved, unknown, unmatched = [], [], []
+    for name in cfg.target_modules:
+        if name in available:
+            resolved.append(name)
+            continue
+        alias = next((a for a in MODULE_ALIASES.get(name, []) if a in available), None)
+        if alias:
+            resolved.append(alias)
+            logger.info("target module %s does not exist in %s; using its equivalent %s",
+                        name, type(model).__name__, alias)
+        elif name in MODULE_ALIASES:
+            unmatched.append(name)
+        else:
+            unknown.append(name)
+    if unknown or not resolved:
+        raise UserError(f"`target_modules` {unknown or cfg.target_modules} not found in {type(model).__name__}. "
+                        f"Its linear layers are: {', '.join(available)} (or use all-linear)")
+    if unmatched:
+        logger.warning("target modules %s have no equivalent in %s; skipped", unmatched, type(model).__name__)
+    return sorted(set(resolved))
+
+
+def attach_lora(model, cfg: Config):
+    """Wrap `model` with a trainable LoRA adapter (fp32 weights); prepares k-bit models for training."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    names = resolve_target_modules(model, cfg)
+    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False) \
+            or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.model_type == "vlm" and not cfg.lora_on_vision:
+        # A regex restricts LoRA to the language model: the same leaf names exist in the vision tower.
+        target = rf"^(?!.*{VISION_PATTERN}).*\.({'|'.join(map(re.escape, names))})$"
+    else:
+        target = names
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # fp32 adapters: fp16 bases train without unscale errors
+        if cfg.model_type == "vlm" and not cfg.freeze_vision_tower and re.search(VISION_PATTERN, name) \
+                and "lora_" not in name and param.is_floating_point():
+            param.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA on %s: %d trainable of %d parameters (%.3f%%)", ", ".join(names), trainable, total,
+                100 * trainable / max(total, 1))
+    return model
+
+
+def check_adapter_owner(cfg: Config, lora_dir: Path) -> None:
+    """Refuse an adapter trained on another base model (it would load wrongly or not at all)."""
+    saved = lora_dir / "run_config.yaml"
+    if not saved.is_file():
+        return
+    import yaml
+
+    try:
+        owner = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model_name_or_path")
+    except yaml.YAMLError:
+        return
+    if owner and _same_model(owner, cfg.model_name_or_path) is False:
+        raise UserError(f"{lora_dir} holds an adapter of another base model ({owner}), not "
+                        f"{cfg.model_name_or_path}; use another --output_dir"
+                        + (" or --overwrite_output_dir true" if cfg.task == "train" else ""))
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def require_adapter(cfg: Config) -> None:
+    """Fail before the (slow) model load when there is no usable adapter."""
+    if not (cfg.lora_dir / "adapter_config.json").is_file():
+        raise UserError(f"no trained adapter at {cfg.lora_dir}: run `python main.py --task train` first "
+                        "(same --model_name_or_path and --output_dir), or pass --use_original_model")
+    check_adapter_owner(cfg, cfg.lora_dir)
+
+
+def load_adapter(model, cfg: Config):
+    """Put the trained adapter from output_dir/<model-name>/lora_model on `model` (for inference)."""
+    from peft import PeftModel
+
+    lora_dir = cfg.lora_dir
+    require_adapter(cfg)
+    try:
+        model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"the adapter in {lora_dir} does not fit {cfg.model_name_or_path}: {str(e)[:300]}") from None
+    logger.info("loaded LoRA adapter from %s", lora_dir)
+    return model
+
+
+def load_for_inference(cfg: Config):
+    """The model evaluate and inference use: base (+ adapter unless --use_original_model), eval mode."""
+    if not cfg.use_original_model:
+        require_adapter(cfg)
+    model, processor = load_base(cfg, "inference")
+    if not cfg.use_original_model:
+        model = load_adapter(model, cfg)
+    else:
+        logger.info("--use_original_model: running the base model without the adapter")
+    model.eval()
+    return model, processor

@@ -1,0 +1,197 @@
+"""LoRA training with the Hugging Face Trainer.
+
+    python main.py --task train [--config FILE] [--resume_from_checkpoint auto|PATH]
+    accelerate launch main.py --task train        (DDP; DeepSpeed/FSDP through accelerate's config)
+
+Writes under output_dir/<model-name>/: checkpoint-N/ (per epoch or save_steps; optimizer, scheduler and RNG
+state for resuming), lora_model/ (adapter + processor + run_config.yaml, written atomically),
+trainer_state.json, train_results.json (metrics, time, peak memory) and, for VLMs, split.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
+
+from config import Config, UserError
+from data_processing import Collator, Encoder, build_dataset, load_examples
+from model_config import attach_lora, check_adapter_owner, load_base
+from outputs import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class LoraTrainer(Trainer):
+    """Trainer with two additions: length grouping from lengths we already know (no re-encoding of
+    images to measure them), and a stop at the first non-finite loss, before it reaches a checkpoint."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else self.args.learning_rate
+            last = get_last_checkpoint(self.args.output_dir)
+            raise NonFiniteLoss(
+                f"the loss became {loss.item()} at step {step} (learning rate {lr:.3g}); training stopped. "
+                f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate, --dtype bfloat16 or "
+                "float32 instead of float16, and check the data for empty or broken samples")
+        return loss
+
+
+class ProgressLog(TrainerCallback):
+    """Logs each evaluation loss as one readable line (the progress bar shows the rest)."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            logger.info("epoch %.2f step %d: eval_loss %.4f", state.epoch or 0, state.global_step, metrics["eval_loss"])
+
+
+def check_packing(cfg: Config) -> None:
+    """Packing concatenates samples; only FlashAttention's varlen kernels keep them from attending to each other."""
+    if not cfg.packing:
+        return
+    if cfg.model_type == "vlm":
+        raise UserError("`packing` is for LLMs only; set packing: false for model_type vlm")
+    if not torch.cuda.is_available() or cfg.attn_implementation != "flash_attention_2":
+        raise UserError("`packing: true` needs a CUDA GPU and attn_implementation: flash_attention_2 (which keeps "
+                        "packed samples apart); elsewhere samples would attend to each other. Set packing: false")
+
+
+def make_collator(processor, cfg: Config):
+    if cfg.packing:  # one row of concatenated samples; position_ids restart per sample for FA2 varlen
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return Collator(processor)
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    value = cfg.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "auto":
+        last = get_last_checkpoint(str(cfg.run_dir)) if cfg.run_dir.is_dir() else None
+        if last is None:
+            logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", cfg.run_dir)
+        return last
+    if not os.path.isdir(value):
+        raise UserError(f"resume_from_checkpoint {value} is not a folder; use auto or a checkpoint-N path")
+    return value
+
+
+def training_arguments(cfg: Config, model) -> TrainingArguments:
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
+                 torch.float32)
+    on_gpu = torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
+    return TrainingArguments(
+        output_dir=str(cfg.run_dir),
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        eval_strategy=cfg.eval_strategy,
+        eval_steps=cfg.save_steps if cfg.eval_strategy == "steps" else None,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # Mixed precision follows the base weights; LoRA weights stay fp32 under autocast.
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+        use_liger_kernel=cfg.use_liger_kernel,
+        torch_compile=cfg.torch_compile,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+
+
+def save_adapter(model, processor, cfg: Config) -> None:
+    """lora_model/ is written to a temporary folder and renamed: never half-written."""
+    with atomic_dir(cfg.lora_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        cfg.save(tmp / "run_config.yaml")
+    logger.info("adapter saved to %s", cfg.lora_dir)
+
+
+def run(cfg: Config) -> int:
+    check_packing(cfg)
+    if not cfg.overwrite_output_dir:
+        check_adapter_owner(cfg, cfg.lora_dir)
+    resume = resolve_resume(cfg)
+    logger.info("resolved configuration:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
+    examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
+    if not examples["train"]:
+        raise UserError("no training samples")
+    reset_peak_memory()
+    started = time.time()
+    model, processor = load_base(cfg, "train")
+    model = attach_lora(model, cfg)
+    encoder = Encoder(processor, cfg)
+    cache = cfg.run_dir / "cache"
+    train_ds = build_dataset(encoder, examples["train"], cache, "train")
+    eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
+    if not len(train_ds):
+        raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
+    args = training_arguments(cfg, model)
+    if eval_ds is None:
+        args.eval_strategy = "no"
+    trainer = LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=make_collator(processor, cfg), processing_class=getattr(processor, "tokenizer", processor),
+                          callbacks=[ProgressLog()])
+    if resume:
+        step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
+        logger.info("resuming from %s (global step %s)", resume, step)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: saving a checkpoint at step %d before exiting", trainer.state.global_step)
+        trainer._save_checkpoint(trainer.model, trial=None)
+        raise
+    trainer.save_state()  # trainer_state.json in the run folder
+    if trainer.is_world_process_zero():
+        save_adapter(trainer.model, processor, cfg)
+        metrics = dict(result.metrics)
+        metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
+                       train_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())
+        if eval_ds is not None and cfg.eval_strategy != "no":
+            losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+            if losses:
+                metrics["final_eval_loss"] = losses[-1]
+                metrics["final_eval_perplexity"] = math.exp(min(losses[-1], 50))
+        write_json(cfg.run_dir / "train_results.json", metrics)
+        logger.info("training done: %d steps in %.1f s, peak memory %s", trainer.state.global_step,
+                    metrics["train_wall_seconds"], {k: v for k, v in metrics.items() if k.startswith("peak")})
+    return 0
