@@ -34,7 +34,7 @@ def read_text_inputs(path: Path) -> list[Example]:
         raise UserError(f"input file {path} not found")
     if path.suffix.lower() == ".txt":
         lines = path.read_text(encoding="utf-8").splitlines()
-        return [Example(line.strip(), "", source=f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()]
+        return [Example(line.strip(), None, source=f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()]
     if path.suffix.lower() == ".jsonl":
         items = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):

@@ -254,8 +254,10 @@ def attach_lora(model, cfg: Config):
         target = rf"^(?!.*{VISION_PATTERN}).*\.({'|'.join(map(re.escape, names))})$"
     else:
         target = names
+    conv1d = any(type(m).__name__ == "Conv1D" and n.split(".")[-1] in names for n, m in model.named_modules())
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, bias="none", task_type="CAUSAL_LM")
+                      target_modules=target, bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores weights transposed
     model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     for name, param in model.named_parameters():
         if param.requires_grad:

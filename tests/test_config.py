@@ -1,0 +1,104 @@
+"""Config: precedence, conversion, validation with all problems in one message."""
+
+import pytest
+
+from config import Config, UserError, build_config
+from main import parse
+
+from conftest import run_main
+
+
+def test_precedence_defaults_file_cli(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lora_r: 4\nlearning_rate: 5e-4\nnum_train_epochs: 2\n")
+    cfg = parse(["--task", "train", "--config", str(cfg_file), "--lora_r", "32"])
+    assert cfg.lora_r == 32                   # CLI beats file
+    assert cfg.learning_rate == 5e-4          # file beats default ("5e-4" is a string in YAML 1.1)
+    assert cfg.num_train_epochs == 2.0
+    assert cfg.lora_alpha == Config().lora_alpha  # default where neither sets it
+
+
+def test_lists_bools_and_null_from_cli(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train_quantization_bit: 4\n")
+    cfg = parse(["--task", "inference", "--config", str(cfg_file), "--target_modules", "q_proj,k_proj, v_proj",
+                 "--use_original_model", "--train_quantization_bit", "null", "--group_by_length", "false"])
+    assert cfg.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert cfg.use_original_model is True
+    assert cfg.train_quantization_bit is None
+    assert cfg.group_by_length is False
+
+
+def test_every_key_has_a_flag():
+    import argparse
+
+    from config import FIELDS, add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = {a.dest for a in parser._actions}
+    assert set(FIELDS) - {"task"} <= flags
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(UserError) as e:
+        build_config({"lora_rank": 8, "learning_rat": 1e-4}, "x.yaml")
+    msg = str(e.value)
+    assert "did you mean `lora_r`" in msg and "did you mean `learning_rate`" in msg
+
+
+def test_all_problems_listed_together():
+    with pytest.raises(UserError) as e:
+        build_config({"lora_r": 0, "learning_rate": -1, "lora_dropout": 1.0, "temperature": -0.1, "top_p": 0},
+                     "x.yaml")
+    msg = str(e.value)
+    for key in ("lora_r", "learning_rate", "lora_dropout", "temperature", "top_p"):
+        assert f"`{key}`" in msg
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    ({"lora_r": "eight"}, "expected a whole number"),
+    ({"train_quantization_bit": 3}, "use one of: 4, 8, null"),
+    ({"inference_quantization_bit": "4bit"}, "inference_quantization_bit"),
+    ({"dtype": "fp16"}, "use one of: auto, float32, float16, bfloat16"),
+    ({"device": "gpu"}, "use auto, cpu, cuda or cuda:N"),
+    ({"model_type": "vision"}, "use one of: llm, vlm"),
+    ({"use_original_model": "maybe"}, "expected true or false"),
+])
+def test_bad_values(raw, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        build_config(raw, "x.yaml")
+
+
+def test_cli_errors_exit_2_without_traceback(capsys):
+    assert run_main("--task", "train", "--config", "configs/demo_llm.yaml", "--lora_rank", "8") == 2
+    err = capsys.readouterr().err
+    assert "--lora_rank" in err and "did you mean `lora_r`" in err and "Traceback" not in err
+
+
+def test_missing_config_file_and_no_task(tmp_path, capsys):
+    assert run_main("--task", "train", "--config", str(tmp_path / "nope.yaml")) == 2
+    assert "nope.yaml not found" in capsys.readouterr().err
+    assert run_main("--config", "configs/demo_llm.yaml") == 2
+    assert "no task given" in capsys.readouterr().err
+
+
+def test_invalid_yaml_reports_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_r: 8\nlora_alpha: [16\n")
+    assert run_main("--task", "train", "--config", str(bad)) == 2
+    assert "invalid YAML at line" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    for path in ("config.yaml", "configs/demo_llm.yaml"):
+        parse(["--task", "train", "--config", path])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    import yaml
+
+    cfg = build_config({"lora_r": 4, "target_modules": ["c_attn"]}, "x.yaml")
+    cfg.save(tmp_path / "run.yaml")
+    again = build_config(yaml.safe_load((tmp_path / "run.yaml").read_text()), "run.yaml")
+    assert again == cfg
