@@ -413,9 +413,16 @@ def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None
 class LazyImageDataset(torch.utils.data.Dataset):
     """VLM samples are encoded when drawn: pixel values are too large to keep for a whole data set."""
 
-    def __init__(self, encoder: Encoder, examples: list[Example]):
+    def __init__(self, encoder: Encoder, examples: list[Example], what: str = "images"):
         self.encoder, self.examples = encoder, examples
-        self.lengths = [approx_length(encoder, e) for e in examples]
+        counts = [image_tokens(encoder.processor, e.image) for e in examples]
+        self.lengths = [n + len(encoder.tok(e.target + e.prompt, add_special_tokens=False)["input_ids"])
+                        for n, e in zip(counts, examples)]
+        logger.info("%s: %d images, %d to %d image tokens each (image_min_pixels=%d, image_max_pixels=%d)",
+                    what, len(examples), min(counts), max(counts), encoder.cfg.image_min_pixels,
+                    encoder.cfg.image_max_pixels)
+        # The largest image decides whether max_length can hold the prompt: fail now, not mid-epoch.
+        encoder(examples[counts.index(max(counts))])
 
     def __len__(self):
         return len(self.examples)
@@ -424,24 +431,22 @@ class LazyImageDataset(torch.utils.data.Dataset):
         return self.encoder(self.examples[i])
 
 
-def approx_length(encoder: Encoder, ex: Example) -> int:
-    """Token count without decoding the image: text tokens plus the image tokens its size resizes to."""
+def image_tokens(processor, path: str) -> int:
+    """Image tokens an image costs after resizing, from its header alone (no decoding)."""
     from PIL import Image
 
-    n = len(encoder.tok(ex.target + ex.prompt, add_special_tokens=False)["input_ids"])
-    with Image.open(ex.image) as im:
+    with Image.open(path) as im:
         w, h = im.size
     try:
-        n += encoder.processor._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"][0]
-    except (AttributeError, KeyError, TypeError):
-        n += (h * w) // (32 * 32)
-    return n
+        return int(processor._get_num_multimodal_tokens(image_sizes=[(h, w)])["num_image_tokens"][0])
+    except (AttributeError, KeyError, TypeError):  # processors without the helper: Qwen's 32x32 per token
+        return max(1, (h * w) // (32 * 32))
 
 
 def build_dataset(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str):
     """A list of encoded samples (text) or a LazyImageDataset (images); both expose per-sample lengths."""
     if examples and examples[0].image is not None:
-        return LazyImageDataset(encoder, examples)
+        return LazyImageDataset(encoder, examples, what)
     return EncodedList(encode_all(encoder, examples, cache_dir, what))
 
 

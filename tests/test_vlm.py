@@ -1,0 +1,180 @@
+"""VLM: label-map decoding, the stratified split, image-token masking, and the demo end to end."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from config import UserError, build_config
+from data_processing import (IGNORE_INDEX, Collator, Encoder, decode_code, label_code, load_label_map,
+                             stratified_split, target_json, vlm_split)
+from generation import parse_json
+
+from conftest import ROOT, run_cli, run_main, write_json
+
+DEMO = str(ROOT / "configs" / "demo_vlm.yaml")
+LABEL_MAP = ROOT / "data" / "vlm" / "label_map.json"
+
+
+def test_decode_positional_code_with_defaults_in_order():
+    lm = load_label_map(LABEL_MAP)
+    assert label_code(Path("130_20260103_x.jpg")) == "130"
+    assert decode_code("130", lm) == {"status": "Leakage", "sub_type": "High Pressure", "is_night_mode": False}
+    assert list(json.loads(target_json("141", lm))) == ["status", "sub_type", "is_night_mode", "confidence"]
+
+
+def test_non_ascii_values_kept(tmp_path):
+    lm_path = write_json(tmp_path / "lm.json", {"positions": [{"field": "状态", "map": {"0": "正常", "1": "泄漏"}}],
+                                                "defaults": {"说明": "自动"}})
+    assert target_json("1", load_label_map(lm_path)) == '{"状态": "泄漏", "说明": "自动"}'
+
+
+@pytest.mark.parametrize("code,fragment", [("13", "has 2 characters, the label map has 3"),
+                                           ("190", "'9' is not in the map of 'sub_type'")])
+def test_bad_codes(code, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        decode_code(code, load_label_map(LABEL_MAP))
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ({"mapping_type": "positional"}, '"positions" must be a non-empty list'),
+    ({"positions": [{"map": {"0": "a"}}]}, 'positions[0] needs a "field"'),
+    ({"positions": [{"field": "x"}]}, 'positions[0] (x) needs a non-empty "map"'),
+    ({"positions": [{"field": "x", "map": {"10": "a"}}]}, "single characters"),
+    ({"mapping_type": "dictionary", "positions": []}, "not supported"),
+])
+def test_malformed_label_maps(tmp_path, data, fragment):
+    with pytest.raises(UserError) as e:
+        load_label_map(write_json(tmp_path / "lm.json", data))
+    assert fragment in str(e.value)
+
+
+def test_stratified_split_properties(caplog):
+    files, codes = [], []
+    for code, n in (("000", 10), ("130", 5), ("141", 2), ("021", 1)):
+        for i in range(n):
+            files.append(f"{code}_{i}.jpg")
+            codes.append(code)
+    train, val = stratified_split(files, codes, 0.2, seed=7)
+    assert set(train) | set(val) == set(files) and not set(train) & set(val)
+    val_codes = {f.split("_")[0] for f in val}
+    assert val_codes == {"000", "130", "141"}                # every code with >= 2 images is validated
+    assert "021" in caplog.text and "021_0.jpg" in train     # too few: training only, with a warning
+    assert sum(f.startswith("000") for f in val) == 2         # 20% of 10
+    assert stratified_split(files, codes, 0.2, seed=7) == (train, val)  # reproducible
+    assert stratified_split(files, codes, 0.2, seed=8) != (train, val)
+
+
+def _vlm_cfg(tmp_path, images, **kw):
+    return build_config(dict(model_type="vlm", image_dir=str(images), label_map_file=str(LABEL_MAP),
+                             prompt_file=str(ROOT / "data/vlm/prompt.json"), output_dir=str(tmp_path / "out"),
+                             model_name_or_path=str(tmp_path / "m"), **kw), "test")
+
+
+def _copy_images(tmp_path, names):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    src = sorted((ROOT / "data/vlm/images").iterdir())
+    for i, name in enumerate(names):
+        shutil.copy(src[i], folder / name)
+    return folder
+
+
+def test_bad_codes_listed_or_skipped(tmp_path, caplog):
+    folder = _copy_images(tmp_path, ["000_a.jpg", "000_b.jpg", "99_c.jpg", "1x0_d.png"])
+    with pytest.raises(UserError) as e:
+        vlm_split(_vlm_cfg(tmp_path, folder), write=False)
+    assert "2 label codes that do not fit" in str(e.value)
+    assert "99_c.jpg" in str(e.value) and "1x0_d.png" in str(e.value) and "skip_invalid_images" in str(e.value)
+    split = vlm_split(_vlm_cfg(tmp_path, folder, skip_invalid_images=True), write=False)
+    assert len(split["train"]) + len(split["validation"]) == 2 and "skipping 2" in caplog.text
+
+
+def test_corrupt_and_empty_image_folders(tmp_path):
+    folder = _copy_images(tmp_path, ["000_a.jpg"])
+    (folder / "010_broken.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(UserError, match="1 unreadable images"):
+        vlm_split(_vlm_cfg(tmp_path, folder), write=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no images"):
+        vlm_split(_vlm_cfg(tmp_path, empty), write=False)
+
+
+def test_vlm_encoding_masks_everything_but_the_json(models, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
+    folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg"])
+    cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=4096, image_max_pixels=16384)
+    examples = vlm_split(cfg, write=False)
+    ex = (examples["train"] + examples["validation"])[0]
+    enc = Encoder(processor, cfg)(ex)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert enc["input_ids"].count(image_id) == 9                   # 96x96 -> 3x3 merged patches
+    answer = [t for t in enc["labels"] if t != IGNORE_INDEX]
+    assert tok.decode(answer) == ex.target + "<|im_end|>"
+    batch = Collator(processor)([enc, Encoder(processor, cfg)(ex)])
+    assert batch["pixel_values"].shape[0] == 2 * enc["pixel_values"].shape[0]
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 6], [1, 6, 6]]
+
+
+def test_parse_json_tolerates_fences_and_text():
+    assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
+    assert parse_json('Result: {"a": {"b": 2}} done') == {"a": {"b": 2}}
+    assert parse_json("no json {here") is None
+
+
+@pytest.fixture(scope="module")
+def vlm_demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vlm")
+    args = ["--config", DEMO, "--model_name_or_path", tmp / "tiny-qwen3-vl", "--output_dir", tmp / "out",
+            "--image_dir", ROOT / "data/vlm/images"]
+    assert run_main("--task", "train", *args) == 0
+    return tmp, args
+
+
+def test_vlm_demo_learns(vlm_demo):
+    tmp, args = vlm_demo
+    run_dir = tmp / "out" / "tiny-qwen3-vl"
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["train"]) == 50 and len(split["validation"]) == 10
+    assert not set(split["train"]) & set(split["validation"])
+    assert (run_dir / "lora_model" / "processor_config.json").is_file()
+    assert run_main("--task", "evaluate", *args) == 0
+    res = json.loads((run_dir / "eval_results.json").read_text())
+    assert res["num_samples"] == 10 and res["json_valid_rate"] >= 0.9
+    fields = res["fields"]
+    assert set(fields) == {"status", "sub_type", "is_night_mode"}
+    assert any(m["accuracy"] > m["majority_baseline"] for m in fields.values()), fields
+    for m in fields.values():
+        assert len(m["confusion_matrix"]) == len(m["labels"]) and {"accuracy", "macro_f1", "per_class"} <= set(m)
+    assert (run_dir / "confusion_status.png").stat().st_size > 1000
+    preds = [json.loads(x) for x in (run_dir / "eval_predictions.jsonl").read_text().splitlines()]
+    assert {"file", "target", "raw", "parsed"} <= set(preds[0])
+    assert {p["file"] for p in preds} == set(split["validation"])     # evaluate reuses the saved split
+
+
+def test_vlm_repl_bad_then_good_path(vlm_demo, tmp_path):
+    _, args = vlm_demo
+    broken = tmp_path / "000_broken.jpg"
+    broken.write_bytes(b"\x00garbage")
+    good = sorted((ROOT / "data/vlm/images").glob("131_*"))[0]
+    stdin = f"'{tmp_path}/missing.jpg'\n{broken}\n\"{good}\"\nquit\n"
+    proc = run_cli("--task", "inference", *args, stdin=stdin)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert "image not found" in out and "cannot read image" in out
+    reply = out.split("cannot read image")[1]
+    assert parse_json(reply) is not None and "is_night_mode" in parse_json(reply)
+
+
+def test_vlm_folder_batch(vlm_demo, tmp_path):
+    _, args = vlm_demo
+    out = tmp_path / "preds.jsonl"
+    assert run_main("--task", "inference", *args, "--input", ROOT / "data/vlm/images", "--output", out) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 60 and {"file", "prediction", "raw"} <= set(rows[0])
+    assert sum(isinstance(r["prediction"], dict) for r in rows) >= 54
