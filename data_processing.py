@@ -238,6 +238,7 @@ def stratified_split(files: list[str], codes: list[str], fraction: float, seed: 
 
 
 def vlm_split(cfg: Config, write: bool) -> dict[str, list[Example]]:
+    load_prompt(Path(cfg.prompt_file))  # a missing prompt file is reported before any model loads
     label_map = load_label_map(Path(cfg.label_map_file))
     examples = vlm_examples(cfg, list_images(Path(cfg.image_dir)), label_map)
     by_file = {e.image: e for e in examples}

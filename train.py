@@ -14,11 +14,11 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
 
 from config import Config, UserError
 from data_processing import Collator, Encoder, build_dataset, load_examples
@@ -48,7 +48,7 @@ class LoraTrainer(Trainer):
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1
             lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else self.args.learning_rate
-            last = get_last_checkpoint(self.args.output_dir)
+            last = last_complete_checkpoint(Path(self.args.output_dir))
             raise NonFiniteLoss(
                 f"the loss became {loss.item()} at step {step} (learning rate {lr:.3g}); training stopped. "
                 f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate, --dtype bfloat16 or "
@@ -83,17 +83,32 @@ def make_collator(processor, cfg: Config):
     return Collator(processor)
 
 
+def last_complete_checkpoint(run_dir) -> str | None:
+    """The newest checkpoint-N that was written to the end (trainer_state.json is written last)."""
+    found = []
+    for path in run_dir.glob("checkpoint-*") if run_dir.is_dir() else []:
+        tail = path.name.rsplit("-", 1)[-1]
+        if tail.isdigit():
+            found.append((int(tail), path))
+    for step, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("%s is incomplete (the run stopped while writing it); skipping it", path)
+    return None
+
+
 def resolve_resume(cfg: Config) -> str | None:
     value = cfg.resume_from_checkpoint
     if not value:
         return None
     if value == "auto":
-        last = get_last_checkpoint(str(cfg.run_dir)) if cfg.run_dir.is_dir() else None
+        last = last_complete_checkpoint(cfg.run_dir)
         if last is None:
             logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", cfg.run_dir)
         return last
-    if not os.path.isdir(value):
-        raise UserError(f"resume_from_checkpoint {value} is not a folder; use auto or a checkpoint-N path")
+    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise UserError(f"resume_from_checkpoint {value} is not a complete checkpoint folder (no "
+                        "trainer_state.json); use auto or a checkpoint-N path")
     return value
 
 
@@ -177,8 +192,10 @@ def run(cfg: Config) -> int:
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
-        logger.warning("interrupted: saving a checkpoint at step %d before exiting", trainer.state.global_step)
-        trainer._save_checkpoint(trainer.model, trial=None)
+        if trainer.state.global_step > 0:
+            logger.warning("interrupted: saving checkpoint-%d; continue with --resume_from_checkpoint auto",
+                           trainer.state.global_step)
+            trainer._save_checkpoint(trainer.model, trial=None)
         raise
     trainer.save_state()  # trainer_state.json in the run folder
     if trainer.is_world_process_zero():

@@ -1,0 +1,185 @@
+"""Reliability: kill -9 and resume, Ctrl-C, NaN guard, atomic outputs, adapter ownership, bad inputs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from outputs import atomic_dir, write_json
+
+from conftest import ROOT, run_main, small_llm_data
+
+DEMO = str(ROOT / "configs" / "demo_llm.yaml")
+
+
+def _train_args(models, tmp_path, **extra):
+    data = small_llm_data(tmp_path / "data", n_train=8, n_val=2)
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--data_dir", data,
+            "--output_dir", tmp_path / "out", "--per_device_train_batch_size", "2", "--num_train_epochs", "6",
+            "--eval_strategy", "no", "--save_total_limit", "null"]
+    for k, v in extra.items():
+        args += [f"--{k}", str(v)]
+    return args
+
+
+def _spawn(args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--task", "train", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def _wait_for_checkpoint(run_dir, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if any((c / "trainer_state.json").is_file() for c in run_dir.glob("checkpoint-*")):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def _steps(run_dir):
+    return json.loads((run_dir / "train_results.json").read_text())["global_step"]
+
+
+def test_kill_9_then_resume_reaches_the_same_step(models, tmp_path):
+    # Reference: the same run uninterrupted.
+    ref = tmp_path / "ref"
+    assert run_main("--task", "train", *_train_args(models, ref)) == 0
+    expected = _steps(ref / "out" / "tiny-qwen3")
+    assert expected == 24                                   # 8 samples / batch 2 x 6 epochs
+    # Killed with SIGKILL right after its first complete checkpoint.
+    run = tmp_path / "run"
+    args = _train_args(models, run, save_strategy="steps", save_steps=2)
+    proc = _spawn(args)
+    run_dir = run / "out" / "tiny-qwen3"
+    assert _wait_for_checkpoint(run_dir, proc), proc.communicate()[0].decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "lora_model").exists()
+    killed_at = max(int(c.name.split("-")[1]) for c in run_dir.glob("checkpoint-*")
+                    if (c / "trainer_state.json").is_file())
+    assert killed_at < expected
+    # Resumed: says so, and ends at the uninterrupted run's step with an adapter.
+    proc = _spawn(args + ["--resume_from_checkpoint", "auto"])
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming from" in out and "global step" in out
+    assert _steps(run_dir) == expected
+    assert (run_dir / "lora_model" / "adapter_model.safetensors").is_file()
+    print(f"killed at step {killed_at}, resumed to step {expected}")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(models, tmp_path):
+    args = _train_args(models, tmp_path, num_train_epochs=400, save_strategy="no")
+    proc = _spawn(args)
+    run_dir = tmp_path / "out" / "tiny-qwen3"
+    # Wait until training steps are running (the progress bar or log shows steps), then interrupt.
+    buf = b""
+    end = time.time() + 120
+    while time.time() < end and b"LoRA on" not in buf:
+        buf += proc.stdout.read1(4096)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out = buf + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out.decode()[-3000:]
+    ckpts = [c for c in run_dir.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    assert len(ckpts) == 1 and b"resume_from_checkpoint auto" in out
+
+
+def test_nan_loss_stops_with_a_message(models, tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import Trainer
+
+    real = Trainer.training_step
+
+    def poisoned(self, *a, **kw):
+        loss = real(self, *a, **kw)
+        return loss * float("nan") if self.state.global_step >= 5 else loss
+
+    monkeypatch.setattr(Trainer, "training_step", poisoned)
+    args = _train_args(models, tmp_path, save_strategy="steps", save_steps=2)
+    assert run_main("--task", "train", *args) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 6" in err and "learning rate" in err
+    run_dir = tmp_path / "out" / "tiny-qwen3"
+    assert "checkpoint-4" in err and (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (run_dir / "lora_model").exists()
+    assert torch.isfinite(torch.tensor(1.0))
+
+
+def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
+    target = tmp_path / "lora_model"
+    target.mkdir()
+    (target / "adapter.bin").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "adapter.bin").write_text("half")
+            raise RuntimeError("crash while saving")
+    assert (target / "adapter.bin").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["lora_model"]   # no temporary left behind
+    with atomic_dir(target) as tmp:
+        (tmp / "adapter.bin").write_text("new")
+    assert (target / "adapter.bin").read_text() == "new"
+
+
+def test_write_json_replaces_whole_file(tmp_path, monkeypatch):
+    path = tmp_path / "eval_results.json"
+    write_json(path, {"a": 1})
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_adapter_of_another_base_model_is_refused(models, tmp_path, capsys):
+    args = _train_args(models, tmp_path, num_train_epochs=1)
+    assert run_main("--task", "train", *args) == 0
+    other = tmp_path / "elsewhere" / "tiny-qwen3"                    # same folder name, other model
+    shutil.copytree(models("qwen3"), other)
+    swapped = [str(other) if a == str(models("qwen3")) else a for a in map(str, args)]
+    assert run_main("--task", "train", *swapped) == 2
+    err = capsys.readouterr().err
+    assert "holds an adapter of another base model" in err and "--overwrite_output_dir" in err
+    assert run_main("--task", "inference", *swapped) == 2
+    assert "another base model" in capsys.readouterr().err
+    assert run_main("--task", "train", *swapped, "--overwrite_output_dir") == 0
+
+
+@pytest.mark.parametrize("setup,fragment", [
+    (lambda d: (d / "train.json").unlink(), "train.json not found"),
+    (lambda d: (d / "validation.json").write_text("[{]"), "invalid JSON at line 1, column 3"),
+    (lambda d: (d / "train.json").write_text('{"text": "a"}'), "expected a JSON array"),
+    (lambda d: (d / "train.json").write_text('[{"text": "", "target": "b"}]'), 'entry 0: "text" is empty'),
+])
+def test_bad_llm_data_through_main(models, tmp_path, capsys, setup, fragment):
+    args = _train_args(models, tmp_path)
+    setup(tmp_path / "data")
+    assert run_main("--task", "train", *args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_missing_prompt_file_for_vlm(models, tmp_path, capsys):
+    assert run_main("--task", "train", "--config", ROOT / "configs/demo_vlm.yaml", "--model_name_or_path",
+                    models("qwen3_vl"), "--output_dir", tmp_path, "--prompt_file", tmp_path / "p.json") == 2
+    assert "prompt file" in capsys.readouterr().err
+
+
+def test_resume_from_a_bad_path(models, tmp_path, capsys):
+    assert run_main("--task", "train", *_train_args(models, tmp_path), "--resume_from_checkpoint", tmp_path) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(models, tmp_path, capsys):
+    args = _train_args(models, tmp_path)
+    (tmp_path / "data" / "train.json").unlink()
+    assert run_main("--task", "train", *args, "--debug") == 2
+    assert "Traceback" in capsys.readouterr().err
