@@ -251,7 +251,9 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
             try:
                 values[key] = _convert(key, value, from_cli)
             except ValueError as e:
-                problems.append(f"{where}: `{key}` {e}")
+                choices = FIELDS[key].metadata["choices"]
+                hint = ("; use one of: " + ", ".join("null" if c is None else str(c) for c in choices)) if choices else ""
+                problems.append(f"{where}: `{key}` {e}{hint}")
                 continue
             choices = FIELDS[key].metadata["choices"]
             if choices is not None and values[key] not in choices and not (values[key] is None and _nullable(key)):

@@ -43,11 +43,27 @@ def _inference(cfg):
 TASKS = {"train": _train, "evaluate": _evaluate, "inference": _inference}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: str) -> None:
+    """One handler on the root logger; only rank 0 logs below WARNING under accelerate/torchrun."""
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    lvl = getattr(logging, level.upper()) if rank == 0 else logging.WARNING
-    logging.basicConfig(level=lvl, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

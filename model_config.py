@@ -84,7 +84,11 @@ def quantization_config(bits: int | None, dtype: torch.dtype, cfg: Config):
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise UserError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from None
-    skip = ["lm_head", "visual", "vision_tower", "multi_modal_projector"] if cfg.model_type == "vlm" else ["lm_head"]
+    skip = ["lm_head"]
+    if cfg.model_type == "vlm":
+        # Plain names match by substring in older transformers, the ".*" forms by regex in newer ones.
+        towers = ["visual", "vision_tower", "vision_model", "multi_modal_projector"]
+        skip += towers + [f".*{t}" for t in towers]
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)

@@ -1,0 +1,119 @@
+"""Precision and quantization: dtype resolution, 4/8-bit training and inference (bitsandbytes runs on CPU),
+fp32 adapters, device errors; GPU/FP8 checks run only where CUDA is present."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from config import UserError, build_config
+from model_config import quantization_config, resolve_device, resolve_dtype
+
+from conftest import ROOT, run_main
+
+DEMO = str(ROOT / "configs" / "demo_llm.yaml")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cfg(**kw):
+    return build_config(kw, "test")
+
+
+def test_dtype_resolution_on_cpu(caplog):
+    cpu = torch.device("cpu")
+    assert resolve_dtype(_cfg(dtype="auto"), cpu) == torch.float32
+    assert resolve_dtype(_cfg(dtype="bfloat16"), cpu) == torch.bfloat16
+    assert resolve_dtype(_cfg(dtype="float16"), cpu) == torch.float32      # falls back, with a warning
+    assert "float16 is slow and unstable on CPU" in caplog.text
+
+
+def test_quantization_configs():
+    q4 = quantization_config(4, torch.bfloat16, _cfg())
+    assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "nf4" and q4.bnb_4bit_use_double_quant
+    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
+    q8 = quantization_config(8, torch.float16, _cfg(model_type="vlm"))
+    assert q8.load_in_8bit and q8.llm_int8_threshold == 6.0
+    assert {"visual", "lm_head"} <= set(q8.llm_int8_skip_modules)         # vision tower stays unquantized
+    assert quantization_config(None, torch.float32, _cfg()) is None
+
+
+@pytest.mark.parametrize("bits", ["3", "4bit", "16"])
+def test_bad_bits_refused(bits, capsys):
+    assert run_main("--task", "train", "--config", DEMO, "--train_quantization_bit", bits) == 2
+    assert "use one of: 4, 8, null" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_gpu():
+    with pytest.raises(UserError, match="--device cpu or --device auto"):
+        resolve_device(_cfg(device="cuda:0"))
+    assert resolve_device(_cfg(device="auto"))[1].type == "cpu"
+
+
+def _memorised(path):
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    return sum(r["prediction"] == r["target"] for r in rows)
+
+
+def test_4bit_training_then_8bit_and_full_precision_inference(tmp_path, caplog):
+    args = ["--config", DEMO, "--model_name_or_path", tmp_path / "tiny-qwen3", "--output_dir", tmp_path / "out"]
+    assert run_main("--task", "train", *args, "--train_quantization_bit", "4") == 0
+    assert "4-bit" in caplog.text
+    adapter = tmp_path / "out" / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors"
+    with safe_open(adapter, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}   # fp32 adapters
+    train_json = ROOT / "data" / "llm" / "train.json"
+    for bits in ("8", "null"):
+        out = tmp_path / f"p{bits}.jsonl"
+        assert run_main("--task", "inference", *args, "--inference_quantization_bit", bits,
+                        "--input", train_json, "--output", out) == 0
+        assert _memorised(out) >= 12, f"{bits}: adapter trained on a 4-bit base does not carry over"
+
+
+def test_8bit_training(models, tmp_path):
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path,
+            "--num_train_epochs", "2", "--train_quantization_bit", "8", "--gradient_checkpointing"]
+    assert run_main("--task", "train", *args) == 0
+    res = json.loads((tmp_path / "tiny-qwen3" / "train_results.json").read_text())
+    assert res["global_step"] == 8 and res["train_loss"] == res["train_loss"]   # finite
+
+
+def test_vlm_4bit_keeps_vision_tower_unquantized(models):
+    from model_config import load_base
+
+    cfg = _cfg(model_type="vlm", model_name_or_path=str(models("qwen3_vl")), train_quantization_bit=4,
+               device="cpu")
+    model, _ = load_base(cfg, "train")
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert all(k != "Linear4bit" for n, k in kinds.items() if "visual" in n)
+    assert any(k == "Linear4bit" for n, k in kinds.items() if "language_model" in n)
+    assert kinds["lm_head"] == "Linear"
+
+
+@cuda
+def test_gpu_fp16_training_with_fp32_adapters(tmp_path):
+    args = ["--config", DEMO, "--model_name_or_path", tmp_path / "m", "--output_dir", tmp_path / "o",
+            "--device", "cuda:0", "--dtype", "float16", "--num_train_epochs", "2"]
+    assert run_main("--task", "train", *args) == 0
+    res = json.loads((tmp_path / "o" / "m" / "train_results.json").read_text())
+    assert res["peak_gpu_memory_mb"] > 0 and res["train_loss"] == res["train_loss"]
+
+
+@cuda
+def test_gpu_fp8_checkpoint_loads(tmp_path):
+    """An FP8 checkpoint (made here from the tiny model) loads as FP8 on >= 8.9 GPUs, dequantized elsewhere."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    import tiny_models
+
+    src = tiny_models.build("qwen3", tmp_path / "src", hidden=256)
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=FineGrainedFP8Config(
+        weight_block_size=[128, 128]), device_map={"": 0})
+    model.save_pretrained(tmp_path / "fp8")
+    (tmp_path / "fp8").joinpath("tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    (tmp_path / "fp8").joinpath("tokenizer_config.json").write_bytes((src / "tokenizer_config.json").read_bytes())
+    args = ["--config", DEMO, "--model_name_or_path", tmp_path / "fp8", "--tiny_model", "null",
+            "--output_dir", tmp_path / "o", "--device", "cuda:0", "--num_train_epochs", "2"]
+    assert run_main("--task", "train", *args) == 0
+    assert run_main("--task", "evaluate", *args, "--max_new_tokens", "8") == 0
