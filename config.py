@@ -43,7 +43,8 @@ class Config:
                                 "architecture at model_name_or_path when that folder is absent",
                                 ("qwen3", "gpt2", "opt", "qwen3_vl"))
     trust_remote_code: bool = _f(False, "allow a checkpoint's own Python code to run (only for models you trust)")
-    device: str = _f("auto", "auto (all GPUs via device_map), cpu, cuda (= cuda:0) or cuda:N")
+    device: str = _f("auto", "auto (one GPU if there is one, all GPUs via device_map if several, else CPU), "
+                    "cpu, cuda (= cuda:0) or cuda:N")
     dtype: str = _f("auto", "weights/compute dtype: auto (bf16 or fp16 on GPU, fp32 on CPU), float32, "
                     "float16, bfloat16", ("auto", "float32", "float16", "bfloat16"))
     train_quantization_bit: int | None = _f(None, "load the base model in 4 or 8 bit for training (bitsandbytes)",
@@ -63,7 +64,8 @@ class Config:
     label_map_file: str = _f("./data/vlm/label_map.json", "VLM: positional label map with defaults")
     instruction: str | None = _f(None, "VLM: optional text put after the image in the user turn")
     validation_split: float = _f(0.2, "VLM: share of images held out for validation (stratified by label code)")
-    skip_invalid_images: bool = _f(False, "VLM: warn about and skip images whose code does not fit the label map")
+    skip_invalid_images: bool = _f(False, "VLM: warn about and skip images whose code does not fit the label map, "
+                                "or that do not decode")
     image_min_pixels: int = _f(32 * 32 * 4, "VLM: smallest image area after resizing (one token per 32x32 pixels)")
     image_max_pixels: int = _f(32 * 32 * 512, "VLM: largest image area after resizing (512 image tokens)")
     freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
@@ -94,7 +96,7 @@ class Config:
     packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
     use_liger_kernel: bool = _f(False, "use Liger kernels (GPU, package liger-kernel)")
     torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")
-    resume_from_checkpoint: str | None = _f(None, "auto (latest checkpoint-N in the run folder) or a path")
+    resume_from_checkpoint: str | None = _f(None, "auto (latest complete checkpoint-N in the run folder) or a path")
     overwrite_output_dir: bool = _f(False, "allow training over an adapter of another base model")
     # --- LoRA -------------------------------------------------------------------------------------
     lora_r: int = _f(8, "LoRA rank")
@@ -235,6 +237,8 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
          "use auto, cpu, cuda or cuda:N")
+    need(Path(cfg.model_name_or_path).expanduser().resolve() != cfg.run_dir.expanduser().resolve(), "output_dir",
+         f"outputs would go to {cfg.run_dir}, the model folder itself; use another folder, e.g. ./output")
     return p
 
 

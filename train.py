@@ -137,7 +137,7 @@ def training_arguments(cfg: Config, model) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         # Mixed precision follows the base weights; LoRA weights stay fp32 under autocast.
-        bf16=on_gpu and dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16,  # autocast on CPU too: k-bit preparation leaves fp32 norms beside bf16
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",

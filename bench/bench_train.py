@@ -171,7 +171,7 @@ def run_vlm(model: Path, data: Path, out: Path) -> dict:
     import main
 
     args = ["--task", "train", "--config", str(ROOT / "configs/demo_vlm.yaml"), "--model_name_or_path",
-            str(out / "tiny-qwen3-vl"), "--output_dir", str(out), "--num_train_epochs", EPOCHS,
+            str(out.parent / "tiny-qwen3-vl"), "--output_dir", str(out), "--num_train_epochs", EPOCHS,
             "--save_strategy", "no", "--image_dir", str(ROOT / "data/vlm/images")]
     assert main.main([str(a) for a in args]) == 0
     res = json.loads((out / "tiny-qwen3-vl" / "train_results.json").read_text())

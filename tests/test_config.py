@@ -102,3 +102,8 @@ def test_resolved_config_round_trips(tmp_path):
     cfg.save(tmp_path / "run.yaml")
     again = build_config(yaml.safe_load((tmp_path / "run.yaml").read_text()), "run.yaml")
     assert again == cfg
+
+
+def test_output_dir_may_not_be_the_model_folder(tmp_path):
+    with pytest.raises(UserError, match="the model folder itself"):
+        build_config({"model_name_or_path": str(tmp_path / "Qwen3-1.7B"), "output_dir": str(tmp_path)}, "x.yaml")
