@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_model, run_child  # noqa: E402
-from memory import table  # noqa: E402
+from memory import ratios, table  # noqa: E402
 
 MEMORY = str(Path(__file__).resolve().parent / "memory.py")
 PLAN = [  # (arch, precision, grid)
@@ -54,15 +54,8 @@ def main(argv=None) -> int:
                                    "--steps", str(args.steps), "--workdir", str(work)])
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
-    for arch in ("qwen3", "qwen3_vl"):
-        base = {r["precision"]: r for r in rows if r.get("arch") == arch and "error" not in r
-                and (r["batch"], r["length"]) == ((4, 512) if arch == "qwen3" else (2, 1024))}
-        if {"bf16", "8bit", "4bit"} <= set(base):
-            b = base["bf16"]
-            print(f"\n{arch}: weights 8-bit/16-bit {base['8bit']['weights_mb'] / b['weights_mb']:.2f}, "
-                  f"4-bit/16-bit {base['4bit']['weights_mb'] / b['weights_mb']:.2f}; peak 8-bit/16-bit "
-                  f"{base['8bit']['peak_gpu_memory_mb'] / b['peak_gpu_memory_mb']:.2f}, 4-bit/16-bit "
-                  f"{base['4bit']['peak_gpu_memory_mb'] / b['peak_gpu_memory_mb']:.2f}")
+    print(ratios(rows, "qwen3", (4, 512)))
+    print(ratios(rows, "qwen3_vl", (2, 1024)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -40,6 +40,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratios(rows: list[dict], arch: str, shape: tuple) -> str:
+    """Weights and peak memory of 8-bit and 4-bit relative to bf16, for rows of one batch x length."""
+    base = {r["precision"]: r for r in rows if r.get("arch") == arch and "error" not in r
+            and (shape == (None, None) or (r["batch"], r["length"]) == shape)}
+    if not {"bf16", "8bit", "4bit"} <= set(base):
+        return ""
+    peak = "peak_gpu_memory_mb" if "peak_gpu_memory_mb" in base["bf16"] else "peak_over_baseline_mb"
+    part = [f"{name}: {k} / 16-bit = {base[b][key] / base['bf16'][key]:.2f}"
+            for name, key in (("model weights", "weights_mb"), ("training peak", peak))
+            for k, b in (("8-bit", "8bit"), ("4-bit", "4bit"))]
+    return f"\n{arch}: " + ", ".join(part)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -68,15 +81,7 @@ def main(argv=None) -> int:
             print(rows[-1], file=sys.stderr)
     print(table(rows))
     for arch in args.arch.split(","):
-        base = {r["precision"]: r for r in rows if r.get("arch") == arch and "error" not in r}
-        key = "weights_mb"
-        if "bf16" in base and "8bit" in base and "4bit" in base:
-            b = base["bf16"][key]
-            peak = "peak_gpu_memory_mb" if args.device != "cpu" else "peak_over_baseline_mb"
-            print(f"\n{arch}: model weights 8-bit / 16-bit = {base['8bit'][key] / b:.2f}, "
-                  f"4-bit / 16-bit = {base['4bit'][key] / b:.2f}; training peak 8-bit / 16-bit = "
-                  f"{base['8bit'][peak] / base['bf16'][peak]:.2f}, 4-bit / 16-bit = "
-                  f"{base['4bit'][peak] / base['bf16'][peak]:.2f}")
+        print(ratios(rows, arch, (None, None)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
