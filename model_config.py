@@ -154,11 +154,17 @@ def _fp8_config(cfg: Config, device: torch.device):
         return None
     from transformers import FineGrainedFP8Config
 
-    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    if native:
-        logger.info("FP8 checkpoint: loading FP8 weights, computing (and training LoRA) in the compute dtype")
-        return None  # transformers reads the checkpoint's own quantization_config
-    logger.info("FP8 checkpoint on a device without FP8 support: dequantizing the weights on load")
+    reason = "this device has no FP8 support (needs a GPU of compute capability 8.9+)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        try:  # FP8 matmuls come from a kernel package that transformers fetches from the hub on first use
+            from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+
+            load_finegrained_fp8_kernel()
+            logger.info("FP8 checkpoint: loading FP8 weights, computing (and training LoRA) in the compute dtype")
+            return None  # transformers reads the checkpoint's own quantization_config
+        except Exception as e:  # noqa: BLE001 - ImportError offline, AttributeError on other versions
+            reason = f"FP8 kernels are not available ({str(e).splitlines()[0][:160]})"
+    logger.warning("FP8 checkpoint: %s; dequantizing the weights to the compute dtype on load", reason)
     keep = {k: v for k, v in qc.items() if k in ("weight_block_size", "activation_scheme", "modules_to_not_convert")}
     return FineGrainedFP8Config(dequantize=True, **keep)
 

@@ -109,6 +109,7 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
         torch.cuda.reset_peak_memory_stats()
     model, processor = load_base(cfg, "train")
     model = attach_lora(model, cfg)
+    model.train()  # as the Trainer does: gradient checkpointing and dropout act in training mode only
     weights = model.get_memory_footprint()  # parameter + buffer bytes (4-bit weights counted packed)
     n_total, n_lora = count_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

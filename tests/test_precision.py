@@ -117,3 +117,50 @@ def test_gpu_fp8_checkpoint_loads(tmp_path):
             "--output_dir", tmp_path / "o", "--device", "cuda:0", "--num_train_epochs", "2"]
     assert run_main("--task", "train", *args) == 0
     assert run_main("--task", "evaluate", *args, "--max_new_tokens", "8") == 0
+
+
+def _fp8_checkpoint(src, dst, block=128):
+    """Write `src` as a block-wise FP8 (e4m3) checkpoint, the format of Qwen's -FP8 releases."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    out = {}
+    for key, w in load_file(dst / "model.safetensors").items():
+        if not (key.endswith("proj.weight") and ".layers." in key):
+            out[key] = w
+            continue
+        rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+        scale = torch.zeros(rows, cols)
+        q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+        for a in range(rows):
+            for b in range(cols):
+                blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block]
+                scale[a, b] = blk.abs().max() / 448
+                q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / scale[a, b]).to(torch.float8_e4m3fn)
+        out[key], out[key[:-len("weight")] + "weight_scale_inv"] = q, scale
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block], "fmt": "e4m3"}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dequantization path")
+def test_fp8_checkpoint_dequantized_on_cpu(models, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    from model_config import load_base
+
+    fp8 = _fp8_checkpoint(models("qwen3"), tmp_path / "tiny-fp8")
+    model, _ = load_base(_cfg(model_name_or_path=str(fp8), device="cpu"), "inference")
+    assert "dequantizing the weights" in caplog.text
+    w = model.model.layers[0].self_attn.q_proj.weight
+    ref = load_file(models("qwen3") / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.float32 and (w - ref).abs().max() < 0.1 * ref.abs().max()
+    args = ["--config", DEMO, "--model_name_or_path", fp8, "--output_dir", tmp_path / "o", "--num_train_epochs", "1"]
+    assert run_main("--task", "train", *args) == 0
+    assert run_main("--task", "inference", *args, "--input", ROOT / "data/llm/validation.json",
+                    "--output", tmp_path / "p.jsonl", "--max_new_tokens", "8") == 0
