@@ -185,12 +185,14 @@ def load_base(cfg: Config, purpose: str):
         kwargs["quantization_config"] = quant
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    processor = _load_processor(cfg, purpose)
     try:
+        processor = _load_processor(cfg, purpose)
         model = auto_class.from_pretrained(cfg.model_name_or_path, **kwargs)
     except OSError as e:
-        raise UserError(f"could not load model {cfg.model_name_or_path}: {e}. Without network, download the "
-                        "weights first and point --model_name_or_path at the folder") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {cfg.model_name_or_path}: {first} Without network, download the "
+                        f"weights first (huggingface-cli download {cfg.model_name_or_path} --local-dir "
+                        f"./{Path(cfg.model_name_or_path).name}) and point --model_name_or_path at the folder") from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             other = "llm" if cfg.model_type == "vlm" else "vlm"

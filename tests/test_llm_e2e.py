@@ -121,3 +121,13 @@ def test_wrong_target_module_lists_the_models_layers(models, tmp_path, capsys):
                     "--output_dir", tmp_path, "--target_modules", "qkv_projection") == 2
     err = capsys.readouterr().err
     assert "qkv_projection" in err and "q_proj" in err and "down_proj" in err
+
+
+def test_packing_refused_without_flash_attention(models, tmp_path, capsys):
+    """Packing would let samples attend to each other unless FlashAttention's varlen kernels keep them apart."""
+    data = small_llm_data(tmp_path / "data")
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--data_dir", data, "--output_dir", tmp_path]
+    assert run_main("--task", "train", *args, "--packing") == 2
+    assert "flash_attention_2" in capsys.readouterr().err
+    assert run_main("--task", "train", *args, "--packing", "--model_type", "vlm") == 2
+    assert "LLMs only" in capsys.readouterr().err

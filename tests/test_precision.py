@@ -13,7 +13,11 @@ from model_config import quantization_config, resolve_device, resolve_dtype
 from conftest import ROOT, run_main
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda(test):
+    return pytest.mark.gpu(_skip(test))
 
 
 def _cfg(**kw):
