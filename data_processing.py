@@ -305,10 +305,13 @@ def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def has_chat_template(processor) -> bool:
+    return bool(getattr(processor, "chat_template", None) or _tokenizer(processor).chat_template)
+
+
 def prompt_text(processor, ex: Example, system: str | None) -> str:
     """The text the model sees before its answer (chat template with thinking disabled, or plain)."""
-    tok = _tokenizer(processor)
-    if getattr(processor, "chat_template", None) or tok.chat_template:
+    if has_chat_template(processor):
         return processor.apply_chat_template(to_messages(ex, system), tokenize=False, add_generation_prompt=True,
                                              enable_thinking=False)
     return (f"{system}\n" if system else "") + f"{ex.prompt}\n"
@@ -317,7 +320,7 @@ def prompt_text(processor, ex: Example, system: str | None) -> str:
 def completion_text(processor, ex: Example, system: str | None, prompt: str) -> str:
     """The answer as the template writes it, end-of-turn included, so the model learns to stop."""
     tok = _tokenizer(processor)
-    if getattr(processor, "chat_template", None) or tok.chat_template:
+    if has_chat_template(processor):
         msgs = to_messages(ex, system) + [{"role": "assistant", "content": ex.target}]
         full = processor.apply_chat_template(msgs, tokenize=False, enable_thinking=False)
         if full.startswith(prompt):
@@ -350,7 +353,8 @@ class Encoder:
             prompt_ids = out["input_ids"][0].tolist()
             extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         else:
-            prompt_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+            # A chat template writes its own BOS; plain text gets the tokenizer's (OPT and Llama expect one).
+            prompt_ids = self.tok(prompt, add_special_tokens=not has_chat_template(self.processor))["input_ids"]
         answer_ids = self.tok(completion, add_special_tokens=False)["input_ids"]
         room = self.cfg.max_length - len(prompt_ids)
         if ex.image is not None and room < 1:

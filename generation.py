@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config
-from data_processing import Example, load_image, prompt_text, strip_thinking
+from data_processing import Example, has_chat_template, load_image, prompt_text, strip_thinking
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def encode_prompts(processor, examples: list[Example], system: str | None) -> di
         images = [load_image(e.image) for e in examples]
         return processor(text=texts, images=images, padding=True, return_tensors="pt")
     tok = getattr(processor, "tokenizer", processor)
-    return tok(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    return tok(texts, padding=True, add_special_tokens=not has_chat_template(processor), return_tensors="pt")
 
 
 @torch.inference_mode()
@@ -58,7 +58,7 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
     kwargs = generation_kwargs(model, processor, cfg)
     size = 1 if streamer is not None else cfg.per_device_eval_batch_size
     # Sorting by prompt length keeps padding (wasted compute) small; answers are put back in order.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + (examples[i].image or "").__len__())
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     answers: list[str] = [""] * len(examples)
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     device = _device(model)

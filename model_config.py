@@ -179,8 +179,8 @@ def load_base(cfg: Config, purpose: str):
     bits = cfg.train_quantization_bit if purpose == "train" else cfg.inference_quantization_bit
     quant = quantization_config(bits, dtype, cfg) or _fp8_config(cfg, device)
     auto_class = AutoModelForImageTextToText if cfg.model_type == "vlm" else AutoModelForCausalLM
-    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code,
-                  use_safetensors=None)
+    # Safetensors are preferred; a .bin checkpoint goes through torch.load(weights_only=True), never full pickle.
+    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code)
     if quant is not None:
         kwargs["quantization_config"] = quant
     if cfg.attn_implementation:

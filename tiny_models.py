@@ -103,6 +103,11 @@ def build(arch: str, path: str | Path, corpus: list[str] | None = None, hidden: 
         tokenizer.chat_template = CHAT_TEMPLATE
     else:
         tokenizer.eos_token = tokenizer.bos_token = tokenizer.pad_token = "<|endoftext|>"
+    if arch == "opt":  # like facebook/opt-*: the tokenizer puts a BOS before every text
+        from tokenizers.processors import TemplateProcessing
+
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", pad_id)])
     heads = max(2, hidden // 32)
     common = dict(vocab_size=vocab, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id)
 

@@ -60,6 +60,13 @@ def test_chat_template_masks_prompt_and_has_no_think_in_answer(models):
     assert tok.decode(enc["input_ids"]) == prompt + answer
 
 
+def test_plain_format_keeps_the_tokenizers_bos(models):
+    tok = _tok(models, "opt")                      # OPT's tokenizer starts every text with a BOS
+    enc = Encoder(tok, _cfg())(Example("问题", "回答"))
+    assert enc["input_ids"][0] == tok.bos_token_id and enc["labels"][0] == IGNORE_INDEX
+    assert enc["input_ids"].count(tok.bos_token_id) == 2  # BOS, then the answer's EOS (same id); no BOS mid-text
+
+
 def test_plain_format_without_chat_template(models):
     tok = _tok(models, "gpt2")
     ex = Example("问题", "回答")
