@@ -284,7 +284,7 @@ def read_yaml(path: str | Path, required: bool) -> dict[str, Any]:
                             "or copy config.yaml from the repository")
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -42,15 +42,22 @@ class Example:
 
 # ----------------------------------------------------------------------------------------------------
 # LLM files
-def read_json(path: Path, what: str):
+def read_text(path: Path, what: str) -> str:
+    """A user's text file as str (UTF-8, with or without a byte-order mark), or a UserError saying why not."""
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def read_json(path: Path, what: str):
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
 
 
 def load_qa_file(path: Path) -> list[Example]:
@@ -151,7 +158,7 @@ def load_prompt(path: Path) -> str:
     if not path.is_file():
         raise UserError(f"prompt file {path} not found; write the system prompt there (plain text, or JSON "
                         "with \"system_prompt\"), or set --prompt_file")
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path, "prompt file").strip()
     if text.startswith("{"):
         try:
             data = json.loads(text)
@@ -245,7 +252,7 @@ def vlm_split(cfg: Config, write: bool) -> dict[str, list[Example]]:
     split_file = cfg.run_dir / "split.json"
     saved = None
     if split_file.is_file():
-        saved = json.loads(split_file.read_text(encoding="utf-8"))
+        saved = read_json(split_file, "split file")
         known = set(saved.get("train", [])) | set(saved.get("validation", []))
         if set(by_file) - known:  # new images arrived: the old split no longer covers the data
             if write:

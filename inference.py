@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from config import Config, UserError
-from data_processing import IMAGE_SUFFIXES, Example, check_image, list_images, read_json, system_prompt
+from data_processing import IMAGE_SUFFIXES, Example, check_image, list_images, read_json, read_text, system_prompt
 from generation import generate_batch, parse_json
 from model_config import load_for_inference
 from outputs import write_jsonl
@@ -30,14 +30,13 @@ EXIT_WORDS = {"exit", "quit", ":q"}
 # batch mode
 def read_text_inputs(path: Path) -> list[Example]:
     """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings)."""
-    if not path.is_file():
-        raise UserError(f"input file {path} not found")
+    text = read_text(path, "input file")
     if path.suffix.lower() == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text.splitlines()
         return [Example(line.strip(), None, source=f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()]
     if path.suffix.lower() == ".jsonl":
         items = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     items.append(json.loads(line))
@@ -58,7 +57,7 @@ def read_text_inputs(path: Path) -> list[Example]:
     return out
 
 
-def read_image_inputs(path: Path) -> list[Example]:
+def read_image_inputs(path: Path, instruction: str | None = None) -> list[Example]:
     """A folder of images, or a .txt/.json list of image paths (relative to the list's folder)."""
     if path.is_dir():
         files = list_images(path)
@@ -68,7 +67,7 @@ def read_image_inputs(path: Path) -> list[Example]:
         if path.suffix.lower() == ".json":
             names = read_json(path, "image list")
         else:
-            names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
+            names = [n.strip() for n in read_text(path, "image list").splitlines() if n.strip()]
         files = [p if p.is_absolute() else (path.parent / p if (path.parent / p).exists() else p)
                  for p in map(Path, names)]
     else:
@@ -79,7 +78,7 @@ def read_image_inputs(path: Path) -> list[Example]:
         if reason:
             bad.append(f"{f}: {reason}")
         else:
-            out.append(Example("", None, image=str(f), source=str(f)))
+            out.append(Example(instruction or "", None, image=str(f), source=str(f)))
     if bad:
         logger.warning("skipping %d unusable images: %s", len(bad), "; ".join(bad[:5]))
     if not out:
@@ -89,7 +88,7 @@ def read_image_inputs(path: Path) -> list[Example]:
 
 def run_batch(model, processor, cfg: Config) -> int:
     path = Path(cfg.input).expanduser()
-    examples = read_image_inputs(path) if cfg.model_type == "vlm" else read_text_inputs(path)
+    examples = read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else read_text_inputs(path)
     for e in examples:
         if len(e.prompt) > cfg.max_input_chars:
             logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)

@@ -41,6 +41,13 @@ def test_bad_qa_files(tmp_path, content, fragment):
     assert fragment in str(e.value) and str(path) in str(e.value)
 
 
+def test_utf8_bom_is_accepted(tmp_path):
+    """Windows editors often save UTF-8 with a byte-order mark."""
+    path = tmp_path / "train.json"
+    path.write_bytes('[{"text": "问", "target": "答"}]'.encode("utf-8-sig"))
+    assert load_qa_file(path)[0].target == "答"
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_qa_file(tmp_path / "train.json")
