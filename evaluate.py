@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from config import Config, UserError
 from data_processing import Collator, Encoder, Example, load_examples, load_label_map, system_prompt
-from generation import generate_batch, parse_json
+from inference import generate_batch, parse_json
 from model_config import load_for_inference
 from outputs import peak_memory_mb, reset_peak_memory, write_json, write_jsonl
 
@@ -135,7 +135,7 @@ def plot_confusion(name: str, m: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def eval_loss(model, processor, cfg: Config, examples: list[Example]) -> float:
+def _eval_loss(model, processor, cfg: Config, examples: list[Example]) -> float:
     """Mean loss per answer token over the validation set (the same encoding and masking as training)."""
     encoder, collate = Encoder(processor, cfg), Collator(processor)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
@@ -163,7 +163,7 @@ def run(cfg: Config) -> int:
     model, processor = load_for_inference(cfg)
     system = system_prompt(cfg)
     started = time.time()
-    loss = eval_loss(model, processor, cfg, examples)
+    loss = _eval_loss(model, processor, cfg, examples)
     gen_start = time.time()
     preds = generate_batch(model, processor, examples, cfg, system, progress=True)
     gen_seconds = time.time() - gen_start

@@ -7,18 +7,23 @@
 
 The REPL reads lines from stdin (a pipe works), streams LLM answers as they are generated, ignores empty lines
 and ends on exit, quit or EOF. A bad line gets a message; the loaded model stays loaded.
+generate_batch (batched, left-padded) and parse_json are also what `--task evaluate` uses.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from config import Config, UserError
-from data_processing import IMAGE_SUFFIXES, Example, check_image, list_images, read_json, read_text, system_prompt
-from generation import generate_batch, parse_json
+from data_processing import (IMAGE_SUFFIXES, Example, check_image, has_chat_template, list_images, load_image,
+                             prompt_text, read_json, read_text, strip_thinking, system_prompt)
 from model_config import load_for_inference
 from outputs import write_jsonl
 
@@ -27,8 +32,74 @@ EXIT_WORDS = {"exit", "quit", ":q"}
 
 
 # ----------------------------------------------------------------------------------------------------
+# the one generate function (evaluate calls it too)
+def _generation_kwargs(model, processor, cfg: Config) -> dict:
+    tok = getattr(processor, "tokenizer", processor)
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) or tok.eos_token_id
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty,
+                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                  eos_token_id=eos)
+    if cfg.temperature > 0:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+    else:  # greedy; unset the checkpoint's sampling defaults so transformers does not warn about them
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _device(model) -> torch.device:
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+def _encode_prompts(processor, examples: list[Example], system: str | None) -> dict:
+    """Left-padded model inputs for a batch of prompts (images decoded here, for VLMs)."""
+    texts = [prompt_text(processor, e, system) for e in examples]
+    if examples[0].image is not None:
+        images = [load_image(e.image) for e in examples]
+        return processor(text=texts, images=images, padding=True, return_tensors="pt")
+    tok = getattr(processor, "tokenizer", processor)
+    return tok(texts, padding=True, add_special_tokens=not has_chat_template(processor), return_tensors="pt")
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, examples: list[Example], cfg: Config, system: str | None,
+                   streamer=None, progress: bool = False) -> list[str]:
+    """Answers for `examples`, in order, per_device_eval_batch_size at a time."""
+    tok = getattr(processor, "tokenizer", processor)
+    tok.padding_side = "left"
+    kwargs = _generation_kwargs(model, processor, cfg)
+    size = 1 if streamer is not None else cfg.per_device_eval_batch_size
+    # Sorting by prompt length keeps padding (wasted compute) small; answers are put back in order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    answers: list[str] = [""] * len(examples)
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    device = _device(model)
+    for idx in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
+        inputs = _encode_prompts(processor, [examples[i] for i in idx], system).to(device)
+        out = model.generate(**inputs, streamer=streamer, **kwargs)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+            answers[i] = strip_thinking(text)
+    return answers
+
+
+def parse_json(text: str) -> dict | None:
+    """The first JSON object in `text`, tolerating code fences and words around it; None if there is none."""
+    text = re.sub(r"```(?:json)?", "", text)
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text[match.start():])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # batch mode
-def read_text_inputs(path: Path) -> list[Example]:
+def _read_text_inputs(path: Path) -> list[Example]:
     """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings)."""
     text = read_text(path, "input file")
     if path.suffix.lower() == ".txt":
@@ -57,7 +128,7 @@ def read_text_inputs(path: Path) -> list[Example]:
     return out
 
 
-def read_image_inputs(path: Path, instruction: str | None = None) -> list[Example]:
+def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Example]:
     """A folder of images, or a .txt/.json list of image paths (relative to the list's folder)."""
     if path.is_dir():
         files = list_images(path)
@@ -86,9 +157,9 @@ def read_image_inputs(path: Path, instruction: str | None = None) -> list[Exampl
     return out
 
 
-def run_batch(model, processor, cfg: Config) -> int:
+def _run_batch(model, processor, cfg: Config) -> int:
     path = Path(cfg.input).expanduser()
-    examples = read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else read_text_inputs(path)
+    examples = _read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else _read_text_inputs(path)
     for e in examples:
         if len(e.prompt) > cfg.max_input_chars:
             logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)
@@ -115,7 +186,7 @@ def _read_line(stream) -> str | None:
     return raw.decode("utf-8").rstrip("\r\n") if isinstance(raw, bytes) else raw.rstrip("\r\n")
 
 
-def answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
+def _answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
     from transformers import TextStreamer
 
     if cfg.model_type == "vlm":
@@ -140,7 +211,7 @@ def answer_one(model, processor, cfg: Config, line: str, system: str | None) -> 
     sys.stdout.flush()
 
 
-def repl(model, processor, cfg: Config, stream=None) -> int:
+def _repl(model, processor, cfg: Config, stream=None) -> int:
     stream = stream if stream is not None else sys.stdin.buffer
     system = system_prompt(cfg)
     what = "an image path" if cfg.model_type == "vlm" else "a question"
@@ -164,7 +235,7 @@ def repl(model, processor, cfg: Config, stream=None) -> int:
         if line.strip().lower() in EXIT_WORDS:
             return 0
         try:
-            answer_one(model, processor, cfg, line, system)
+            _answer_one(model, processor, cfg, line, system)
         except KeyboardInterrupt:
             print("\n[generation interrupted]", flush=True)
         except Exception as e:  # noqa: BLE001 - the session outlives one failed answer
@@ -177,5 +248,5 @@ def run(cfg: Config) -> int:
         system_prompt(cfg)  # a missing prompt file is reported before the model loads
     model, processor = load_for_inference(cfg)
     if cfg.input:
-        return run_batch(model, processor, cfg)
-    return repl(model, processor, cfg)
+        return _run_batch(model, processor, cfg)
+    return _repl(model, processor, cfg)

@@ -28,11 +28,11 @@ from outputs import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(UserError):
+class _NonFiniteLoss(UserError):
     pass
 
 
-class LoraTrainer(Trainer):
+class _LoraTrainer(Trainer):
     """Trainer with two additions: length grouping from lengths we already know (no re-encoding of
     images to measure them), and a stop at the first non-finite loss, before it reaches a checkpoint."""
 
@@ -48,15 +48,15 @@ class LoraTrainer(Trainer):
         if not torch.isfinite(loss).all():
             step = self.state.global_step + 1
             lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler else self.args.learning_rate
-            last = last_complete_checkpoint(Path(self.args.output_dir))
-            raise NonFiniteLoss(
+            last = _last_complete_checkpoint(Path(self.args.output_dir))
+            raise _NonFiniteLoss(
                 f"the loss became {loss.item()} at step {step} (learning rate {lr:.3g}); training stopped. "
                 f"Last good checkpoint: {last or 'none yet'}. Try a lower --learning_rate, --dtype bfloat16 or "
                 "float32 instead of float16, and check the data for empty or broken samples")
         return loss
 
 
-class ProgressLog(TrainerCallback):
+class _ProgressLog(TrainerCallback):
     """Logs each evaluation loss as one readable line (the progress bar shows the rest)."""
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -64,7 +64,7 @@ class ProgressLog(TrainerCallback):
             logger.info("epoch %.2f step %d: eval_loss %.4f", state.epoch or 0, state.global_step, metrics["eval_loss"])
 
 
-def check_packing(cfg: Config) -> None:
+def _check_packing(cfg: Config) -> None:
     """Packing concatenates samples; only FlashAttention's varlen kernels keep them from attending to each other."""
     if not cfg.packing:
         return
@@ -75,7 +75,7 @@ def check_packing(cfg: Config) -> None:
                         "packed samples apart); elsewhere samples would attend to each other. Set packing: false")
 
 
-def make_collator(processor, cfg: Config):
+def _make_collator(processor, cfg: Config):
     if cfg.packing:  # one row of concatenated samples; position_ids restart per sample for FA2 varlen
         from transformers import DataCollatorWithFlattening
 
@@ -83,7 +83,7 @@ def make_collator(processor, cfg: Config):
     return Collator(processor)
 
 
-def last_complete_checkpoint(run_dir) -> str | None:
+def _last_complete_checkpoint(run_dir) -> str | None:
     """The newest checkpoint-N that was written to the end (trainer_state.json is written last)."""
     found = []
     for path in run_dir.glob("checkpoint-*") if run_dir.is_dir() else []:
@@ -97,12 +97,12 @@ def last_complete_checkpoint(run_dir) -> str | None:
     return None
 
 
-def resolve_resume(cfg: Config) -> str | None:
+def _resolve_resume(cfg: Config) -> str | None:
     value = cfg.resume_from_checkpoint
     if not value:
         return None
     if value == "auto":
-        last = last_complete_checkpoint(cfg.run_dir)
+        last = _last_complete_checkpoint(cfg.run_dir)
         if last is None:
             logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", cfg.run_dir)
         return last
@@ -112,7 +112,7 @@ def resolve_resume(cfg: Config) -> str | None:
     return value
 
 
-def training_arguments(cfg: Config, model) -> TrainingArguments:
+def _training_arguments(cfg: Config, model) -> TrainingArguments:
     dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
                  torch.float32)
     on_gpu = torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
@@ -152,7 +152,7 @@ def training_arguments(cfg: Config, model) -> TrainingArguments:
     )
 
 
-def save_adapter(model, processor, cfg: Config) -> None:
+def _save_adapter(model, processor, cfg: Config) -> None:
     """lora_model/ is written to a temporary folder and renamed: never half-written."""
     with atomic_dir(cfg.lora_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -162,10 +162,10 @@ def save_adapter(model, processor, cfg: Config) -> None:
 
 
 def run(cfg: Config) -> int:
-    check_packing(cfg)
+    _check_packing(cfg)
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
-    resume = resolve_resume(cfg)
+    resume = _resolve_resume(cfg)
     logger.info("resolved configuration:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
     examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
     if not examples["train"]:
@@ -180,12 +180,12 @@ def run(cfg: Config) -> int:
     eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
-    args = training_arguments(cfg, model)
+    args = _training_arguments(cfg, model)
     if eval_ds is None:
         args.eval_strategy = "no"
-    trainer = LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=make_collator(processor, cfg), processing_class=getattr(processor, "tokenizer", processor),
-                          callbacks=[ProgressLog()])
+    trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=_make_collator(processor, cfg), processing_class=getattr(processor, "tokenizer", processor),
+                          callbacks=[_ProgressLog()])
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
         logger.info("resuming from %s (global step %s)", resume, step)
@@ -199,7 +199,7 @@ def run(cfg: Config) -> int:
         raise
     trainer.save_state()  # trainer_state.json in the run folder
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, processor, cfg)
+        _save_adapter(trainer.model, processor, cfg)
         metrics = dict(result.metrics)
         metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
                        train_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())

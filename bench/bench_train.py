@@ -149,7 +149,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
 
     from config import build_config
     from data_processing import load_qa_file
-    from generation import generate_batch
+    from inference import generate_batch
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.padding_side = "left"

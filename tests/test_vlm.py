@@ -9,7 +9,7 @@ import pytest
 from config import UserError, build_config
 from data_processing import (IGNORE_INDEX, Collator, Encoder, decode_code, label_code, load_label_map,
                              stratified_split, target_json, vlm_split)
-from generation import parse_json
+from inference import parse_json
 
 from conftest import ROOT, run_cli, run_main, write_json
 
