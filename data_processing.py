@@ -44,6 +44,8 @@ class Example:
 # LLM files
 def read_text(path: Path, what: str) -> str:
     """A user's text file as str (UTF-8, with or without a byte-order mark), or a UserError saying why not."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file")
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
     try:
@@ -162,9 +164,10 @@ def load_prompt(path: Path) -> str:
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
-            return text  # plain text that happens to start with a brace
-        if not isinstance(data.get("system_prompt"), str):
+        except json.JSONDecodeError as e:  # meant as JSON: using it as plain text would train on the typo
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. Fix it, or write "
+                            "the prompt as plain text that does not start with {") from None
+        if not isinstance(data, dict) or not isinstance(data.get("system_prompt"), str):
             raise UserError(f"{path}: JSON prompt files need a \"system_prompt\" string")
         return data["system_prompt"]
     return text

@@ -111,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        if debug:
+            logger.exception("out of memory")
+        print("error: out of GPU memory. Lower per_device_train_batch_size (raise gradient_accumulation_steps to "
+              "keep the effective batch), set gradient_checkpointing: true, train_quantization_bit: 4, a smaller "
+              "max_length or image_max_pixels; for evaluate/inference lower per_device_eval_batch_size or "
+              "max_new_tokens", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

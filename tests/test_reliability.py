@@ -183,3 +183,32 @@ def test_debug_shows_traceback(models, tmp_path, capsys):
     (tmp_path / "data" / "train.json").unlink()
     assert run_main("--task", "train", *args, "--debug") == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_out_of_memory_becomes_a_hint(models, tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import Trainer
+
+    def oom(self, *a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "training_step", oom)
+    assert run_main("--task", "train", *_train_args(models, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory" in err and "gradient_accumulation_steps" in err and "Traceback" not in err
+
+
+def test_broken_prompt_json_and_folder_as_file(tmp_path):
+    from config import UserError
+    from data_processing import load_prompt, load_qa_file
+
+    bad = tmp_path / "prompt.json"
+    bad.write_text('{"system_prompt": "inspect the pipe",}')
+    with pytest.raises(UserError, match="invalid JSON at line 1"):
+        load_prompt(bad)
+    plain = tmp_path / "prompt.txt"
+    plain.write_text("Inspect the pipe and answer in JSON.")
+    assert load_prompt(plain) == "Inspect the pipe and answer in JSON."
+    (tmp_path / "train.json").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        load_qa_file(tmp_path / "train.json")
