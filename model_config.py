@@ -249,6 +249,15 @@ def resolve_target_modules(model: nn.Module, cfg: Config) -> list[str]:
     return sorted(set(resolved))
 
 
+def vision_tower_names(model) -> list[str]:
+    """Leaf names of the top-level vision modules (Qwen-VL: `visual`)."""
+    names = {full.split(".")[-1] for full, _ in model.named_modules()
+             if re.fullmatch(VISION_PATTERN, full.split(".")[-1])}
+    if not names:
+        raise UserError("freeze_vision_tower: false, but no vision tower (visual/vision_tower/vision_model) was found")
+    return sorted(names)
+
+
 def attach_lora(model, cfg: Config):
     """Wrap `model` with a trainable LoRA adapter (fp32 weights); prepares k-bit models for training."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -276,16 +285,15 @@ def attach_lora(model, cfg: Config):
     else:
         target = names
     conv1d = any(type(m).__name__ == "Conv1D" and n.split(".")[-1] in names for n, m in model.named_modules())
+    # An unfrozen vision tower is trained in full; modules_to_save stores it beside the adapter.
+    tower = [] if cfg.model_type != "vlm" or cfg.freeze_vision_tower else vision_tower_names(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, bias="none", task_type="CAUSAL_LM",
+                      target_modules=target, bias="none", task_type="CAUSAL_LM", modules_to_save=tower or None,
                       fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores weights transposed
     model = get_peft_model(model, lora, autocast_adapter_dtype=True)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # fp32 adapters: fp16 bases train without unscale errors
-        if cfg.model_type == "vlm" and not cfg.freeze_vision_tower and re.search(VISION_PATTERN, name) \
-                and "lora_" not in name and param.is_floating_point():
-            param.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("LoRA on %s: %d trainable of %d parameters (%.3f%%)", ", ".join(names), trainable, total,

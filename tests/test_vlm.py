@@ -178,3 +178,24 @@ def test_vlm_folder_batch(vlm_demo, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 60 and {"file", "prediction", "raw"} <= set(rows[0])
     assert sum(isinstance(r["prediction"], dict) for r in rows) >= 54
+
+
+def test_unfrozen_vision_tower_is_trained_and_saved(models, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3_vl"), "--output_dir", tmp_path,
+            "--image_dir", ROOT / "data/vlm/images", "--num_train_epochs", "1", "--freeze_vision_tower", "false"]
+    assert run_main("--task", "train", *args) == 0
+    adapter = tmp_path / "tiny-qwen3_vl" / "lora_model" / "adapter_model.safetensors"
+    with safe_open(adapter, "pt") as f:
+        keys = list(f.keys())
+        visual = [k for k in keys if ".visual." in k and "lora_" not in k]
+        assert visual and all("lora_" in k for k in keys if "language_model" in k)
+        trained = f.get_tensor(next(k for k in visual if k.endswith("patch_embed.proj.weight")))
+    from safetensors.torch import load_file
+
+    base = load_file(models("qwen3_vl") / "model.safetensors")["model.visual.patch_embed.proj.weight"]
+    assert not torch.equal(trained.to(base.dtype), base)         # the tower moved, and was saved
+    assert run_main("--task", "inference", *args, "--input", ROOT / "data/vlm/images", "--output",
+                    tmp_path / "p.jsonl", "--max_new_tokens", "4") == 0
