@@ -22,7 +22,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_processing import Collator, Encoder, build_dataset, load_examples
-from model_config import attach_lora, check_adapter_owner, load_base
+from model_config import attach_lora, check_adapter_owner, load_base, resolve_device, resolve_dtype
 from outputs import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,10 @@ def _resolve_resume(cfg: Config) -> str | None:
     return value
 
 
-def _training_arguments(cfg: Config, model) -> TrainingArguments:
-    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()),
-                 torch.float32)
-    on_gpu = torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
+def _training_arguments(cfg: Config) -> TrainingArguments:
+    _, device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    on_gpu = device.type == "cuda"
     return TrainingArguments(
         output_dir=str(cfg.run_dir),
         num_train_epochs=cfg.num_train_epochs,
@@ -180,7 +180,7 @@ def run(cfg: Config) -> int:
     eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
-    args = _training_arguments(cfg, model)
+    args = _training_arguments(cfg)
     if eval_ds is None:
         args.eval_strategy = "no"
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
