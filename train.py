@@ -75,6 +75,18 @@ def _check_packing(cfg: Config) -> None:
                         "packed samples apart); elsewhere samples would attend to each other. Set packing: false")
 
 
+def _check_gpu_options(cfg: Config) -> None:
+    if cfg.use_liger_kernel:
+        if not torch.cuda.is_available():
+            raise UserError("`use_liger_kernel` needs a CUDA GPU; set use_liger_kernel: false")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise UserError("`use_liger_kernel: true` needs the liger-kernel package: pip install liger-kernel") from None
+    if cfg.torch_compile and not torch.cuda.is_available():
+        logger.warning("torch_compile on a CPU compiles slowly and rarely pays off for short runs")
+
+
 def _make_collator(processor, cfg: Config):
     if cfg.packing:  # one row of concatenated samples; position_ids restart per sample for FA2 varlen
         from transformers import DataCollatorWithFlattening
@@ -163,6 +175,7 @@ def _save_adapter(model, processor, cfg: Config) -> None:
 
 def run(cfg: Config) -> int:
     _check_packing(cfg)
+    _check_gpu_options(cfg)
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
     resume = _resolve_resume(cfg)

@@ -131,3 +131,10 @@ def test_packing_refused_without_flash_attention(models, tmp_path, capsys):
     assert "flash_attention_2" in capsys.readouterr().err
     assert run_main("--task", "train", *args, "--packing", "--model_type", "vlm") == 2
     assert "LLMs only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_liger_refused_on_cpu(models, tmp_path, capsys):
+    assert run_main("--task", "train", "--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir",
+                    tmp_path, "--use_liger_kernel") == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
