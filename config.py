@@ -111,7 +111,8 @@ class Config:
     max_eval_samples: int | None = _f(None, "evaluate only the first N validation samples")
     # --- inference --------------------------------------------------------------------------------
     use_original_model: bool = _f(False, "evaluate/infer with the base model, without the LoRA adapter")
-    input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image folder or list")
+    input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image "
+                           "folder or list")
     output: str | None = _f(None, "batch inference: where to write the predictions (.jsonl)")
     max_input_chars: int = _f(8000, "REPL/batch: longer inputs are truncated with a note")
     # --- misc -------------------------------------------------------------------------------------
@@ -256,7 +257,8 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
                 values[key] = _convert(key, value, from_cli)
             except ValueError as e:
                 choices = FIELDS[key].metadata["choices"]
-                hint = ("; use one of: " + ", ".join("null" if c is None else str(c) for c in choices)) if choices else ""
+                allowed = ", ".join("null" if c is None else str(c) for c in choices or ())
+                hint = f"; use one of: {allowed}" if choices else ""
                 problems.append(f"{where}: `{key}` {e}{hint}")
                 continue
             choices = FIELDS[key].metadata["choices"]

@@ -210,7 +210,8 @@ def vlm_examples(cfg: Config, files: list[Path], label_map: dict) -> list[Exampl
     for problems, what in ((bad_code, f"label codes that do not fit {cfg.label_map_file}"),
                            (bad_image, "unreadable images")):
         if problems and not cfg.skip_invalid_images:
-            shown = "\n  - ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            shown = "\n  - ".join(problems[:20]) + more
             raise UserError(f"{len(problems)} {what}:\n  - {shown}\nRename/fix them, or set "
                             "skip_invalid_images: true to skip them")
         if problems:

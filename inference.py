@@ -22,8 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, UserError
-from data_processing import (IMAGE_SUFFIXES, Example, check_image, has_chat_template, list_images, load_image,
-                             prompt_text, read_json, read_text, strip_thinking, system_prompt)
+from data_processing import (
+    IMAGE_SUFFIXES,
+    Example,
+    check_image,
+    has_chat_template,
+    list_images,
+    load_image,
+    prompt_text,
+    read_json,
+    read_text,
+    strip_thinking,
+    system_prompt,
+)
 from model_config import load_for_inference
 from outputs import write_jsonl
 

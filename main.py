@@ -70,7 +70,8 @@ def setup_logging(level: str) -> None:
 
 def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(
-        prog="main.py", allow_abbrev=False, description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference.",
+        prog="main.py", allow_abbrev=False,
+        description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference.",
         epilog="Every config.yaml key is also a flag: --KEY VALUE (lists as a,b,c; null for none).")
     parser.add_argument("--task", choices=sorted(TASKS), help="what to run")
     parser.add_argument("--config", default=None, help="YAML config file (default: config.yaml)")

@@ -192,7 +192,8 @@ def load_base(cfg: Config, purpose: str):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {cfg.model_name_or_path}: {first} Without network, download the "
                         f"weights first (huggingface-cli download {cfg.model_name_or_path} --local-dir "
-                        f"./{Path(cfg.model_name_or_path).name}) and point --model_name_or_path at the folder") from None
+                        f"./{Path(cfg.model_name_or_path).name}) and point --model_name_or_path at the "
+                        "folder") from None
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             other = "llm" if cfg.model_type == "vlm" else "vlm"

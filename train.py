@@ -82,7 +82,8 @@ def _check_gpu_options(cfg: Config) -> None:
         try:
             import liger_kernel  # noqa: F401
         except ImportError:
-            raise UserError("`use_liger_kernel: true` needs the liger-kernel package: pip install liger-kernel") from None
+            raise UserError("`use_liger_kernel: true` needs the liger-kernel package: "
+                            "pip install liger-kernel") from None
     if cfg.torch_compile and not torch.cuda.is_available():
         logger.warning("torch_compile on a CPU compiles slowly and rarely pays off for short runs")
 
@@ -102,7 +103,7 @@ def _last_complete_checkpoint(run_dir) -> str | None:
         tail = path.name.rsplit("-", 1)[-1]
         if tail.isdigit():
             found.append((int(tail), path))
-    for step, path in sorted(found, reverse=True):
+    for _, path in sorted(found, reverse=True):
         if (path / "trainer_state.json").is_file():
             return str(path)
         logger.warning("%s is incomplete (the run stopped while writing it); skipping it", path)
@@ -197,7 +198,8 @@ def run(cfg: Config) -> int:
     if eval_ds is None:
         args.eval_strategy = "no"
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=_make_collator(processor, cfg), processing_class=getattr(processor, "tokenizer", processor),
+                          data_collator=_make_collator(processor, cfg),
+                          processing_class=getattr(processor, "tokenizer", processor),
                           callbacks=[_ProgressLog()])
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"

@@ -75,7 +75,10 @@ def build_model(arch: str, preset: str, path: Path, device: str = "cpu") -> Path
 
 
 def count_params(model) -> tuple[int, int]:
-    total = sum(p.numel() * (2 if p.dtype == __import__("torch").uint8 else 1) for p in model.parameters())
+    """(base parameters, trainable LoRA parameters); 4-bit weights are stored two to a byte."""
+    import torch
+
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, lora
 
@@ -86,12 +89,11 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
     layers, and time `steps` optimizer steps per (batch, length) with random tokens."""
     import psutil
     import torch
+    import transformers  # noqa: F401 - imported before the baseline so that libraries do not count
 
     from config import build_config
     from model_config import attach_lora, load_base
     from outputs import peak_memory_mb
-
-    import transformers  # noqa: F401 - imported before the baseline so that libraries do not count
 
     try:
         import bitsandbytes  # noqa: F401
@@ -132,7 +134,8 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
             inputs = {"input_ids": ids.to(dev), "pixel_values": enc["pixel_values"].to(dev),
                       "image_grid_thw": enc["image_grid_thw"].to(dev)}
             if "mm_token_type_ids" in enc:
-                inputs["mm_token_type_ids"] = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, max(pad, 0))).to(dev)
+                types = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, max(pad, 0)))
+                inputs["mm_token_type_ids"] = types.to(dev)
         inputs["labels"] = inputs["input_ids"].clone()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -24,7 +24,8 @@ from common import build_model, measure, run_child  # noqa: E402
 
 def table(rows: list[dict]) -> str:
     mfu = any("mfu" in r for r in rows)
-    head = "| model | precision | batch x length | model weights MB | peak MB | step s | tokens/s |" + (" MFU |" if mfu else "")
+    head = "| model | precision | batch x length | model weights MB | peak MB | step s | tokens/s |"
+    head += " MFU |" if mfu else ""
     lines = [head, "|---|---|---|---|---|---|---|" + ("---|" if mfu else "")]
     for r in rows:
         if "error" in r:

@@ -3,9 +3,8 @@
 import pytest
 
 from config import Config, UserError, build_config
-from main import parse
-
 from conftest import run_main
+from main import parse
 
 
 def test_precedence_defaults_file_cli(tmp_path):

@@ -5,10 +5,18 @@ import json
 import pytest
 
 from config import UserError, build_config
-from data_processing import (IGNORE_INDEX, Collator, Encoder, Example, completion_text, encode_all,
-                             fingerprint, load_qa_file, prompt_text, strip_thinking)
-
-from conftest import write_json
+from data_processing import (
+    IGNORE_INDEX,
+    Collator,
+    Encoder,
+    Example,
+    completion_text,
+    encode_all,
+    fingerprint,
+    load_qa_file,
+    prompt_text,
+    strip_thinking,
+)
 
 
 def _cfg(**kw):

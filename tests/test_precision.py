@@ -8,9 +8,8 @@ import torch
 from safetensors import safe_open
 
 from config import UserError, build_config
-from model_config import quantization_config, resolve_device, resolve_dtype
-
 from conftest import ROOT, run_main
+from model_config import quantization_config, resolve_device, resolve_dtype
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")
 _skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,7 +65,8 @@ def test_4bit_training_then_8bit_and_full_precision_inference(tmp_path, caplog):
     assert "4-bit" in caplog.text
     adapter = tmp_path / "out" / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors"
     with safe_open(adapter, "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}   # fp32 adapters
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        assert dtypes == {torch.float32}   # fp32 adapters
     train_json = ROOT / "data" / "llm" / "train.json"
     for bits in ("8", "null"):
         out = tmp_path / f"p{bits}.jsonl"

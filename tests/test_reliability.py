@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from outputs import atomic_dir, write_json
-
 from conftest import ROOT, run_main, small_llm_data
+from outputs import atomic_dir, write_json
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")
 
@@ -119,10 +118,9 @@ def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
     target = tmp_path / "lora_model"
     target.mkdir()
     (target / "adapter.bin").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "adapter.bin").write_text("half")
-            raise RuntimeError("crash while saving")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "adapter.bin").write_text("half")
+        raise RuntimeError("crash while saving")
     assert (target / "adapter.bin").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["lora_model"]   # no temporary left behind
     with atomic_dir(target) as tmp:

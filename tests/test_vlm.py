@@ -7,11 +7,19 @@ from pathlib import Path
 import pytest
 
 from config import UserError, build_config
-from data_processing import (IGNORE_INDEX, Collator, Encoder, decode_code, label_code, load_label_map,
-                             stratified_split, target_json, vlm_split)
-from inference import parse_json
-
 from conftest import ROOT, run_cli, run_main, write_json
+from data_processing import (
+    IGNORE_INDEX,
+    Collator,
+    Encoder,
+    decode_code,
+    label_code,
+    load_label_map,
+    stratified_split,
+    target_json,
+    vlm_split,
+)
+from inference import parse_json
 
 DEMO = str(ROOT / "configs" / "demo_vlm.yaml")
 LABEL_MAP = ROOT / "data" / "vlm" / "label_map.json"
