@@ -320,11 +320,20 @@ def has_chat_template(processor) -> bool:
     return bool(getattr(processor, "chat_template", None) or _tokenizer(processor).chat_template)
 
 
+def _apply_template(processor, messages: list[dict], **kwargs) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return processor.apply_chat_template(messages, tokenize=False, enable_thinking=False, **kwargs)
+    except TemplateError as e:  # e.g. templates that allow no system turn
+        raise UserError(f"the model's chat template refused the messages: {e}. If it allows no system message, "
+                        "unset system_prompt (LLM) or use a plain-text prompt file") from None
+
+
 def prompt_text(processor, ex: Example, system: str | None) -> str:
     """The text the model sees before its answer (chat template with thinking disabled, or plain)."""
     if has_chat_template(processor):
-        return processor.apply_chat_template(to_messages(ex, system), tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=False)
+        return _apply_template(processor, to_messages(ex, system), add_generation_prompt=True)
     return (f"{system}\n" if system else "") + f"{ex.prompt}\n"
 
 
@@ -333,7 +342,7 @@ def completion_text(processor, ex: Example, system: str | None, prompt: str) -> 
     tok = _tokenizer(processor)
     if has_chat_template(processor):
         msgs = to_messages(ex, system) + [{"role": "assistant", "content": ex.target}]
-        full = processor.apply_chat_template(msgs, tokenize=False, enable_thinking=False)
+        full = _apply_template(processor, msgs)
         if full.startswith(prompt):
             return full[len(prompt):].rstrip("\n")
         return ex.target + (tok.eos_token or "")

@@ -150,3 +150,12 @@ def test_tokenisation_cache_invalidated_by_data_and_tokenizer(models, tmp_path):
 
 def test_strip_thinking():
     assert strip_thinking("<think>\nhmm\n</think>\n\n答案") == "答案"
+
+
+def test_chat_template_refusal_is_a_user_error(models):
+    tok = _tok(models, "qwen3")
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}" \
+                        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(UserError, match="System role not supported.*unset system_prompt"):
+        prompt_text(tok, Example("问", "答"), "be brief")
+    assert prompt_text(tok, Example("问", "答"), None) == "问"
