@@ -138,3 +138,15 @@ def test_liger_refused_on_cpu(models, tmp_path, capsys):
     assert run_main("--task", "train", "--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir",
                     tmp_path, "--use_liger_kernel") == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_dataset_name_loads_through_datasets(models, tmp_path, capsys):
+    """dataset_name goes through datasets.load_dataset (here a local folder, as a hub name would online)."""
+    data = small_llm_data(tmp_path / "ds", n_train=4, n_val=2)
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path / "out",
+            "--num_train_epochs", "1"]
+    assert run_main("--task", "train", *args, "--dataset_name", data) == 0
+    res = json.loads((tmp_path / "out" / "tiny-qwen3" / "train_results.json").read_text())
+    assert res["num_train_samples"] == 4
+    assert run_main("--task", "train", *args, "--dataset_name", "someone/no-such-dataset") == 2
+    assert "could not load dataset 'someone/no-such-dataset'" in capsys.readouterr().err
