@@ -377,10 +377,10 @@ class Encoder:
             prompt_ids = self.tok(prompt, add_special_tokens=not has_chat_template(self.processor))["input_ids"]
         answer_ids = self.tok(completion, add_special_tokens=False)["input_ids"]
         room = self.cfg.max_length - len(prompt_ids)
-        if ex.image is not None and room < 1:
+        if ex.image is not None and room < len(answer_ids):  # a cut JSON answer would teach broken JSON
             raise UserError(f"{ex.source}: the prompt needs {len(prompt_ids)} tokens (image tokens included, "
-                            f"never truncated) but max_length is {self.cfg.max_length}; raise max_length or "
-                            "lower image_max_pixels")
+                            f"never truncated) and the answer {len(answer_ids)}, but max_length is "
+                            f"{self.cfg.max_length}; raise max_length or lower image_max_pixels")
         if room < 1:
             self.stats["dropped"] += 1
             return None
@@ -446,8 +446,8 @@ class LazyImageDataset(torch.utils.data.Dataset):
         logger.info("%s: %d images, %d to %d image tokens each (image_min_pixels=%d, image_max_pixels=%d)",
                     what, len(examples), min(counts), max(counts), encoder.cfg.image_min_pixels,
                     encoder.cfg.image_max_pixels)
-        # The largest image decides whether max_length can hold the prompt: fail now, not mid-epoch.
-        encoder(examples[counts.index(max(counts))])
+        # The longest sample decides whether max_length holds prompt and answer: fail now, not mid-epoch.
+        encoder(examples[self.lengths.index(max(self.lengths))])
 
     def __len__(self):
         return len(self.examples)

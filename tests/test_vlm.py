@@ -127,6 +127,9 @@ def test_vlm_encoding_masks_everything_but_the_json(models, tmp_path):
     batch = Collator(processor)([enc, Encoder(processor, cfg)(ex)])
     assert batch["pixel_values"].shape[0] == 2 * enc["pixel_values"].shape[0]
     assert batch["image_grid_thw"].tolist() == [[1, 6, 6], [1, 6, 6]]
+    short = build_config(dict(cfg.to_dict(), max_length=len(enc["input_ids"]) - 1), "test")
+    with pytest.raises(UserError, match=r"image tokens included, never truncated\) and the answer"):
+        Encoder(processor, short)(ex)                               # never a cut JSON answer
 
 
 def test_parse_json_tolerates_fences_and_text():
