@@ -320,10 +320,12 @@ def check_adapter_owner(cfg: Config, lora_dir: Path) -> None:
 
 
 def _same_model(a: str, b: str) -> bool:
+    """Two existing folders must be the same folder; otherwise (a hub name, or a relative path saved from
+    another working directory) the folder names must match, as the output folder's name already does."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
-    return a.rstrip("/") == b.rstrip("/")
+    return pa.name == pb.name
 
 
 def require_adapter(cfg: Config) -> None:

@@ -210,3 +210,17 @@ def test_broken_prompt_json_and_folder_as_file(tmp_path):
     (tmp_path / "train.json").mkdir()
     with pytest.raises(UserError, match="is a folder"):
         load_qa_file(tmp_path / "train.json")
+
+
+def test_adapter_owner_check_tolerates_other_working_directories(tmp_path):
+    from model_config import _same_model
+
+    model = tmp_path / "Qwen3-1.7B"
+    model.mkdir()
+    other = tmp_path / "copy" / "Qwen3-1.7B"
+    other.mkdir(parents=True)
+    assert _same_model(str(model), str(model / ".." / "Qwen3-1.7B"))
+    assert not _same_model(str(model), str(other))                 # two real folders: must be the same one
+    assert _same_model("./Qwen3-1.7B", str(model))                  # saved relative, run from elsewhere
+    assert _same_model("Qwen/Qwen3-1.7B", str(model))               # hub name vs its local download
+    assert not _same_model("Qwen/Qwen3-4B", str(model))
