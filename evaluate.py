@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, UserError
-from data_processing import Collator, Encoder, Example, load_examples, load_label_map, system_prompt
+from data_processing import Collator, Encoder, Example, load_examples, load_label_map
 from inference import generate_batch, parse_json
 from model_config import load_for_inference
 from outputs import peak_memory_mb, reset_peak_memory, write_json, write_jsonl
@@ -135,9 +135,9 @@ def plot_confusion(name: str, m: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def _eval_loss(model, processor, cfg: Config, examples: list[Example]) -> float:
+def _eval_loss(model, encoder: Encoder, cfg: Config, examples: list[Example]) -> float:
     """Mean loss per answer token over the validation set (the same encoding and masking as training)."""
-    encoder, collate = Encoder(processor, cfg), Collator(processor)
+    collate = Collator(encoder.processor)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     total, count = 0.0, 0
     size = cfg.per_device_eval_batch_size
@@ -161,11 +161,11 @@ def run(cfg: Config) -> int:
         raise UserError("the validation set is empty; add samples (LLM: validation.json; VLM: more images)")
     reset_peak_memory()
     model, processor = load_for_inference(cfg)
-    system = system_prompt(cfg)
+    encoder = Encoder(processor, cfg)  # reads the system prompt once, for loss and generation
     started = time.time()
-    loss = _eval_loss(model, processor, cfg, examples)
+    loss = _eval_loss(model, encoder, cfg, examples)
     gen_start = time.time()
-    preds = generate_batch(model, processor, examples, cfg, system, progress=True)
+    preds = generate_batch(model, processor, examples, cfg, encoder.system, progress=True)
     gen_seconds = time.time() - gen_start
     results = {"model": cfg.model_name_or_path, "adapter": None if cfg.use_original_model else str(cfg.lora_dir),
                "num_samples": len(examples), "eval_loss": loss,

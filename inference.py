@@ -168,7 +168,7 @@ def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Examp
     return out
 
 
-def _run_batch(model, processor, cfg: Config) -> int:
+def _run_batch(model, processor, cfg: Config, system: str | None) -> int:
     path = Path(cfg.input).expanduser()
     examples = _read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else _read_text_inputs(path)
     for e in examples:
@@ -176,7 +176,7 @@ def _run_batch(model, processor, cfg: Config) -> int:
             logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)
             e.prompt = e.prompt[:cfg.max_input_chars]
     output = Path(cfg.output) if cfg.output else cfg.run_dir / "predictions.jsonl"
-    preds = generate_batch(model, processor, examples, cfg, system_prompt(cfg), progress=True)
+    preds = generate_batch(model, processor, examples, cfg, system, progress=True)
     if cfg.model_type == "vlm":
         rows = [{"file": e.image, "prediction": parse_json(p), "raw": p} for e, p in zip(examples, preds)]
     else:
@@ -222,9 +222,8 @@ def _answer_one(model, processor, cfg: Config, line: str, system: str | None) ->
     sys.stdout.flush()
 
 
-def _repl(model, processor, cfg: Config, stream=None) -> int:
+def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int:
     stream = stream if stream is not None else sys.stdin.buffer
-    system = system_prompt(cfg)
     what = "an image path" if cfg.model_type == "vlm" else "a question"
     label = "base model" if cfg.use_original_model else "fine-tuned model"
     print(f"Ready ({label}). Type {what}; exit, quit or Ctrl-D to leave.", flush=True)
@@ -255,9 +254,8 @@ def _repl(model, processor, cfg: Config, stream=None) -> int:
 
 
 def run(cfg: Config) -> int:
-    if cfg.model_type == "vlm":
-        system_prompt(cfg)  # a missing prompt file is reported before the model loads
+    system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
     model, processor = load_for_inference(cfg)
     if cfg.input:
-        return _run_batch(model, processor, cfg)
-    return _repl(model, processor, cfg)
+        return _run_batch(model, processor, cfg, system)
+    return _repl(model, processor, cfg, system)
