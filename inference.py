@@ -26,6 +26,7 @@ from data_processing import (
     IMAGE_SUFFIXES,
     Example,
     check_image,
+    end_of_turn_ids,
     has_chat_template,
     list_images,
     load_image,
@@ -35,7 +36,8 @@ from data_processing import (
     strip_thinking,
     system_prompt,
 )
-from model_config import load_for_inference
+from metrics import text_metrics
+from model_config import adopt_training_settings, load_for_inference
 from outputs import write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,9 @@ EXIT_WORDS = {"exit", "quit", ":q"}
 def _generation_kwargs(model, processor, cfg: Config) -> dict:
     tok = getattr(processor, "tokenizer", processor)
     gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) or tok.eos_token_id
+    eos = getattr(gc, "eos_token_id", None)
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    eos += [i for i in end_of_turn_ids(processor) if i not in eos]  # stop where training's answers stop
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                   eos_token_id=eos)
@@ -184,7 +188,24 @@ def _run_batch(model, processor, cfg: Config, system: str | None) -> int:
                 for e, p in zip(examples, preds)]
     write_jsonl(output, rows)
     logger.info("%d predictions written to %s", len(rows), output)
+    report_empty(preds, cfg)
+    scored = [(p, e.target) for p, e in zip(preds, examples) if e.target is not None]
+    if scored and cfg.model_type == "llm":
+        m = text_metrics([p for p, _ in scored], [t for _, t in scored])
+        exact = round(m["exact_match"] * len(scored))
+        logger.info("%d/%d exact (exact_match %.3f, rouge_l %.3f, bleu %.3f) against the input's targets",
+                    exact, len(scored), m["exact_match"], m["rouge_l"], m["bleu"])
     return 0
+
+
+def report_empty(preds: list[str], cfg: Config) -> int:
+    """Warn when answers came back empty (a base model often stops at once on an unfamiliar prompt)."""
+    empty = sum(not p.strip() for p in preds)
+    if empty:
+        who = "the base model (--use_original_model)" if cfg.use_original_model else "the fine-tuned model"
+        logger.warning("%d of %d answers from %s are empty: it ended its turn at once. Check the prompt format "
+                       "(system_prompt, chat template) or raise max_new_tokens", empty, len(preds), who)
+    return empty
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,6 +275,7 @@ def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int
 
 
 def run(cfg: Config) -> int:
+    adopt_training_settings(cfg)
     system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
     model, processor = load_for_inference(cfg)
     if cfg.input:

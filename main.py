@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from config import FIELDS, UserError, _suggest, add_flags, build_config, read_yaml
 
@@ -55,6 +56,21 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _OncePerRun(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def setup_logging(level: str) -> None:
     """One handler on the root logger; only rank 0 logs below WARNING under accelerate/torchrun."""
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
@@ -66,32 +82,48 @@ def setup_logging(level: str) -> None:
     root.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes says at every start that an optional CPU kernel package is missing: nothing to act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Library warnings go through logging (stderr, our format), so stdout keeps only the answers.
+    logging.captureWarnings(True)
+    # Raised by the libraries against each other's APIs; the user cannot act on them.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|peft|accelerate|torch)")
+    # bitsandbytes 8-bit on CPU warns on every matmul (hundreds per answer): once per run is enough.
+    per_matmul = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OncePerRun) for f in per_matmul.filters):
+        per_matmul.addFilter(_OncePerRun())
 
 
 def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         prog="main.py", allow_abbrev=False,
+        usage="%(prog)s --task {" + ",".join(TASKS) + "} [--config FILE] [--KEY VALUE ...]",
         description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference.",
-        epilog="Every config.yaml key is also a flag: --KEY VALUE (lists as a,b,c; null for none).")
-    parser.add_argument("--task", choices=sorted(TASKS), help="what to run")
+        epilog="Every config.yaml key is also a flag: --KEY VALUE (lists as a,b,c; null for none). "
+               "Precedence: defaults < config file < flags.")
+    parser.add_argument("--task", choices=list(TASKS), metavar="{" + ",".join(TASKS) + "}",
+                        help="required: what to run")
     parser.add_argument("--config", default=None, help="YAML config file (default: config.yaml)")
     add_flags(parser)
     args, unknown = parser.parse_known_args(argv)
     problems = []
+    expects_value = False
     for item in unknown:
         if item.startswith("--"):
-            key = item[2:].split("=", 1)[0]
+            key, _, inline = item[2:].partition("=")
             problems.append(f"command line: unknown flag --{key}{_suggest(key)}")
+            expects_value = not inline
+        elif expects_value:  # the value of the unknown flag just reported: not a second problem
+            expects_value = False
         else:
             problems.append(f"command line: unexpected value {item!r} (flags take the form --key value)")
-    if problems:
-        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     cli = {k: v for k, v in vars(args).items() if v is not None and k in FIELDS}
     if args.task:
         cli["task"] = args.task
     config_path = args.config or "config.yaml"
     raw = read_yaml(config_path, required=args.config is not None)
-    cfg = build_config(raw, config_path, cli)
+    cfg = build_config(raw, config_path, cli, problems)
     if not cfg.task:
         raise UserError("no task given: add --task train, --task evaluate or --task inference")
     return cfg
@@ -103,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
         setup_logging(cfg.log_level)
-        return int(TASKS[cfg.task](cfg) or 0)
+        logger.info("%s", cfg.summary())
+        logger.debug("resolved configuration:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in cfg.relevant().items()))
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines print above progress bars instead of through them
+            return int(TASKS[cfg.task](cfg) or 0)
     except UserError as e:
         if debug:
             logger.exception("error")

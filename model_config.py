@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from config import Config, UserError
+from model_sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -97,35 +98,12 @@ def quantization_config(bits: int | None, dtype: torch.dtype, cfg: Config):
 
 # ----------------------------------------------------------------------------------------------------
 # loading
-def ensure_model_present(cfg: Config) -> None:
-    path = Path(cfg.model_name_or_path)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {path} has no config.json; it should hold a Hugging Face checkpoint "
-                            "(config.json, *.safetensors, tokenizer files)")
-        return
-    if cfg.tiny_model:
-        import tiny_models
-
-        logger.info("building the tiny random-initialised %s demo model at %s (it only shows the pipeline)",
-                    cfg.tiny_model, path)
-        tiny_models.build(cfg.tiny_model, path)
-        return
-    looks_local = cfg.model_name_or_path.startswith((".", "/", "~")) or "\\" in cfg.model_name_or_path
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    if looks_local or offline:
-        raise UserError(
-            f"model {cfg.model_name_or_path} not found. Download it first, e.g. "
-            f"`huggingface-cli download Qwen/{path.name} --local-dir {cfg.model_name_or_path}`, "
-            "or set --model_name_or_path to an existing folder (or a hub name when online)")
-
-
-def _load_processor(cfg: Config, purpose: str):
+def _load_processor(cfg: Config, source: str, purpose: str):
     from transformers import AutoProcessor, AutoTokenizer
 
     kwargs = dict(trust_remote_code=cfg.trust_remote_code)
     if cfg.model_type == "vlm":
-        processor = AutoProcessor.from_pretrained(cfg.model_name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
         image_processor = getattr(processor, "image_processor", None)
         if image_processor is None:
             raise UserError(f"{cfg.model_name_or_path} has no image processor; is it a VLM? (model_type: vlm)")
@@ -135,7 +113,7 @@ def _load_processor(cfg: Config, purpose: str):
                 setattr(image_processor, attr, value)
         tokenizer = processor.tokenizer
     else:
-        processor = tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, **kwargs)
+        processor = tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Training pads on the right (labels line up); generation pads on the left (prompts end together).
@@ -143,10 +121,10 @@ def _load_processor(cfg: Config, purpose: str):
     return processor
 
 
-def _fp8_config(cfg: Config, device: torch.device):
+def _fp8_config(source: str, device: torch.device):
     """FP8 checkpoints run as FP8 on GPUs with compute capability >= 8.9, else are dequantized on load."""
     try:
-        raw = json.loads((Path(cfg.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+        raw = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     qc = raw.get("quantization_config") or raw.get("text_config", {}).get("quantization_config")
@@ -173,11 +151,11 @@ def load_base(cfg: Config, purpose: str):
     """Load the base model and its processor for `purpose` ('train' or 'inference') -> (model, processor)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    ensure_model_present(cfg)
+    source = resolve_model(cfg)
     device_map, device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     bits = cfg.train_quantization_bit if purpose == "train" else cfg.inference_quantization_bit
-    quant = quantization_config(bits, dtype, cfg) or _fp8_config(cfg, device)
+    quant = quantization_config(bits, dtype, cfg) or _fp8_config(source, device)
     auto_class = AutoModelForImageTextToText if cfg.model_type == "vlm" else AutoModelForCausalLM
     # Safetensors are preferred; a .bin checkpoint goes through torch.load(weights_only=True), never full pickle.
     kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code)
@@ -186,12 +164,12 @@ def load_base(cfg: Config, purpose: str):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        processor = _load_processor(cfg, purpose)
-        model = auto_class.from_pretrained(cfg.model_name_or_path, **kwargs)
+        processor = _load_processor(cfg, source, purpose)
+        model = auto_class.from_pretrained(source, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {cfg.model_name_or_path}: {first} Without network, download the "
-                        f"weights first (huggingface-cli download {cfg.model_name_or_path} --local-dir "
+                        f"weights first (hf download {cfg.model_name_or_path} --local-dir "
                         f"./{Path(cfg.model_name_or_path).name}) and point --model_name_or_path at the "
                         "folder") from None
     except ValueError as e:
@@ -326,6 +304,60 @@ def _same_model(a: str, b: str) -> bool:
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
     return pa.name == pb.name
+
+
+# Settings that change what the model sees; evaluate/inference take them from the adapter unless given as flags.
+TRAINED_SETTINGS = ("system_prompt", "max_length", "instruction", "image_min_pixels", "image_max_pixels")
+SAVED_PROMPT = "prompt.json"  # the VLM prompt file's text as trained, beside the adapter
+
+
+def save_training_settings(cfg: Config, folder: Path) -> None:
+    """run_config.yaml (the resolved config) and, for VLMs, the prompt text the adapter was trained with."""
+    cfg.save(folder / "run_config.yaml")
+    if cfg.model_type == "vlm":
+        from data_processing import load_prompt
+
+        text = load_prompt(Path(cfg.prompt_file))
+        (folder / SAVED_PROMPT).write_text(json.dumps({"system_prompt": text}, ensure_ascii=False), encoding="utf-8")
+
+
+def adopt_training_settings(cfg: Config) -> None:
+    """Evaluate/inference see prompts as training did: the adapter's saved settings win over config.yaml
+    (with a warning naming the key); a command-line flag wins over both."""
+    if cfg.use_original_model:
+        return
+    saved_file = cfg.lora_dir / "run_config.yaml"
+    if not saved_file.is_file():
+        return
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        logger.warning("%s is not readable YAML; using the current settings", saved_file)
+        return
+    cli = getattr(cfg, "cli_keys", frozenset())
+    keys = TRAINED_SETTINGS if cfg.model_type == "vlm" else ("system_prompt", "max_length")
+    for key in keys:
+        if key not in saved or saved[key] == getattr(cfg, key):
+            continue
+        if key in cli:
+            logger.warning("`%s` = %r from the command line; the adapter was trained with %r", key,
+                           getattr(cfg, key), saved[key])
+            continue
+        logger.warning("`%s`: the configuration says %r but the adapter was trained with %r; using the trained "
+                       "value (pass --%s to override)", key, getattr(cfg, key), saved[key], key)
+        setattr(cfg, key, saved[key])
+    prompt_copy = cfg.lora_dir / SAVED_PROMPT
+    if cfg.model_type == "vlm" and prompt_copy.is_file() and "prompt_file" not in cli:
+        from data_processing import load_prompt
+
+        trained = load_prompt(prompt_copy)
+        current = load_prompt(Path(cfg.prompt_file)) if Path(cfg.prompt_file).is_file() else None
+        if current != trained:
+            logger.warning("the prompt in %s differs from the one the adapter was trained with; using the trained "
+                           "prompt (%s; pass --prompt_file to override)", cfg.prompt_file, prompt_copy)
+            cfg.prompt_file = str(prompt_copy)
 
 
 def require_adapter(cfg: Config) -> None:

@@ -11,18 +11,25 @@ trainer_state.json, train_results.json (metrics, time, peak memory) and, for VLM
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_processing import Collator, Encoder, build_dataset, load_examples
-from model_config import attach_lora, check_adapter_owner, load_base, resolve_device, resolve_dtype
+from metrics import answer_loss, perplexity
+from model_config import (
+    attach_lora,
+    check_adapter_owner,
+    load_base,
+    resolve_device,
+    resolve_dtype,
+    save_training_settings,
+)
 from outputs import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
 
 logger = logging.getLogger(__name__)
@@ -170,7 +177,7 @@ def _save_adapter(model, processor, cfg: Config) -> None:
     with atomic_dir(cfg.lora_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        cfg.save(tmp / "run_config.yaml")
+        save_training_settings(cfg, tmp)
     logger.info("adapter saved to %s", cfg.lora_dir)
 
 
@@ -180,12 +187,12 @@ def run(cfg: Config) -> int:
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
     resume = _resolve_resume(cfg)
-    logger.info("resolved configuration:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
     examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
     if not examples["train"]:
         raise UserError("no training samples")
     reset_peak_memory()
     started = time.time()
+    set_seed(cfg.seed)  # before the model exists: LoRA's initial weights come from this generator
     model, processor = load_base(cfg, "train")
     model = attach_lora(model, cfg)
     encoder = Encoder(processor, cfg)
@@ -219,10 +226,10 @@ def run(cfg: Config) -> int:
         metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
                        train_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())
         if eval_ds is not None and cfg.eval_strategy != "no":
-            losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-            if losses:
-                metrics["final_eval_loss"] = losses[-1]
-                metrics["final_eval_perplexity"] = math.exp(min(losses[-1], 50))
+            # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
+            # trainer_state.json averages per-batch means instead).
+            loss = answer_loss(trainer.model, processor, eval_ds, cfg.per_device_eval_batch_size)
+            metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
         write_json(cfg.run_dir / "train_results.json", metrics)
         logger.info("training done: %d steps in %.1f s, peak memory %s", trainer.state.global_step,
                     metrics["train_wall_seconds"], {k: v for k, v in metrics.items() if k.startswith("peak")})

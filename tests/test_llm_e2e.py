@@ -60,6 +60,10 @@ def test_evaluate_writes_metrics(demo_run):
     assert run_main("--task", "evaluate", *args, "--use_original_model") == 0
     base = json.loads((run_dir / "eval_results_original_model.json").read_text())
     assert base["adapter"] is None and base["eval_loss"] != res["eval_loss"]
+    # One definition of validation loss: training's final number is evaluate's number for the same adapter.
+    trained = json.loads((run_dir / "train_results.json").read_text())
+    assert trained["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-4)
+    assert trained["eval_perplexity"] == pytest.approx(res["perplexity"], rel=1e-4)
 
 
 def test_repl_through_a_pipe(demo_run):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from evaluate import bleu, field_metrics, lcs_length, plot_confusion, rouge_l, text_metrics
+from metrics import bleu, field_metrics, lcs_length, plot_confusion, rouge_l, text_metrics
 
 
 def test_lcs_and_rouge_l_on_characters():

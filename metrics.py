@@ -1,0 +1,153 @@
+"""Metrics shared by evaluate, batch inference and training: text metrics, VLM field metrics and plots, and
+the answer-token loss.
+
+    python main.py --task evaluate      all of them
+    python main.py --task inference --input FILE   text metrics when the input has targets
+    python main.py --task train         answer_loss on the validation set at the end (train_results.json)
+
+LLM: exact_match, character-level ROUGE-L and BLEU-4 (character level, so Chinese needs no word splitter).
+VLM: per field accuracy, macro F1, per-class precision/recall/support and a confusion matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data_processing import IGNORE_INDEX, Collator
+
+
+# ----------------------------------------------------------------------------------------------------
+# text metrics (character level)
+def lcs_length(a: str, b: str) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b):
+            cur.append(prev[j] + 1 if ca == cb else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over characters."""
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(pred), lcs / len(ref)
+    return 2 * p * r / (p + r)
+
+
+def bleu(pred: str, ref: str, n: int = 4) -> float:
+    """Sentence BLEU-n over characters, with add-one smoothing for higher orders (Lin & Och 2004)."""
+    if not pred or not ref:
+        return 0.0
+    log_p = 0.0
+    for k in range(1, n + 1):
+        pc = Counter(pred[i:i + k] for i in range(len(pred) - k + 1))
+        rc = Counter(ref[i:i + k] for i in range(len(ref) - k + 1))
+        match, total = sum((pc & rc).values()), max(sum(pc.values()), 0)
+        if k > 1:
+            match, total = match + 1, total + 1
+        if match == 0 or total == 0:
+            return 0.0
+        log_p += math.log(match / total) / n
+    bp = 1.0 if len(pred) > len(ref) else math.exp(1 - len(ref) / len(pred))
+    return bp * math.exp(log_p)
+
+
+def text_metrics(preds: list[str], refs: list[str]) -> dict:
+    n = max(len(refs), 1)
+    return {
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / n,
+        "rouge_l": sum(rouge_l(p.strip(), r.strip()) for p, r in zip(preds, refs)) / n,
+        "bleu": sum(bleu(p.strip(), r.strip()) for p, r in zip(preds, refs)) / n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# VLM field metrics
+INVALID = "<invalid>"
+
+
+def field_metrics(parsed: list[dict | None], targets: list[dict], fields: list[str]) -> dict:
+    """Per-field accuracy, macro F1, per-class report and confusion matrix (rows = truth)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    out = {}
+    for name in fields:
+        truth = [str(t.get(name)) for t in targets]
+        pred = [str(p.get(name)) if isinstance(p, dict) and name in p else INVALID for p in parsed]
+        labels = sorted(set(truth)) + sorted(set(pred) - set(truth))
+        p, r, f, s = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+        majority = Counter(truth).most_common(1)[0][1] / len(truth)
+        out[name] = {
+            "accuracy": accuracy_score(truth, pred),
+            "majority_baseline": majority,
+            "macro_f1": f1_score(truth, pred, labels=sorted(set(truth)), average="macro", zero_division=0),
+            "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                                "support": int(s[i])} for i, lab in enumerate(labels)},
+            "labels": labels,
+            "confusion_matrix": confusion_matrix(truth, pred, labels=labels).tolist(),
+        }
+    return out
+
+
+def plot_confusion(name: str, m: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, cm = m["labels"], m["confusion_matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{name}: accuracy {m['accuracy']:.2f}")
+    top = max(max(row) for row in cm) or 1
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def answer_loss(model, processor, samples, batch_size: int, desc: str = "eval loss") -> float:
+    """Mean loss per answer token (token-weighted over the whole set) of encoded samples.
+
+    The one definition of validation loss: train_results.json and eval_results.json both use it.
+    """
+    collate = Collator(processor)
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
+        batch = [samples[j] for j in range(i, min(i + batch_size, len(samples)))]
+        batch = [b for b in batch if b is not None]
+        if not batch:
+            continue
+        inputs = {k: v.to(device) for k, v in collate(batch).items()}
+        n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(**inputs).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def perplexity(loss: float) -> float | None:
+    return math.exp(min(loss, 50)) if loss == loss else None
