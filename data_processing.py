@@ -207,15 +207,16 @@ def vlm_examples(cfg: Config, files: list[Path], label_map: dict) -> list[Exampl
             bad_image.append(f"{f.name}: {reason}")
             continue
         out.append(Example(prompt=cfg.instruction or "", target=target, image=str(f), source=str(f)))
-    for problems, what in ((bad_code, f"label codes that do not fit {cfg.label_map_file}"),
-                           (bad_image, "unreadable images")):
-        if problems and not cfg.skip_invalid_images:
+    groups = [(p, what) for p, what in ((bad_code, f"label codes that do not fit {cfg.label_map_file}"),
+                                        (bad_image, "unreadable images")) if p]
+    if groups and not cfg.skip_invalid_images:  # every kind of problem in one message
+        parts = []
+        for problems, what in groups:
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            shown = "\n  - ".join(problems[:20]) + more
-            raise UserError(f"{len(problems)} {what}:\n  - {shown}\nRename/fix them, or set "
-                            "skip_invalid_images: true to skip them")
-        if problems:
-            logger.warning("skipping %d %s (first: %s)", len(problems), what, problems[0])
+            parts.append(f"{len(problems)} {what}:\n  - " + "\n  - ".join(problems[:20]) + more)
+        raise UserError("\n".join(parts) + "\nRename/fix them, or set skip_invalid_images: true to skip them")
+    for problems, what in groups:
+        logger.warning("skipping %d %s (first: %s)", len(problems), what, problems[0])
     if not out:
         raise UserError(f"no usable images in {cfg.image_dir}")
     return out

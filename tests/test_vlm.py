@@ -104,6 +104,10 @@ def test_corrupt_and_empty_image_folders(tmp_path):
     (folder / "010_broken.jpg").write_bytes(b"not an image at all")
     with pytest.raises(UserError, match="1 unreadable images"):
         vlm_split(_vlm_cfg(tmp_path, folder), write=False)
+    (folder / "9_badcode.jpg").write_bytes((folder / "000_a.jpg").read_bytes())
+    with pytest.raises(UserError) as e:  # both kinds of problem in one message, not one kind per run
+        vlm_split(_vlm_cfg(tmp_path, folder), write=False)
+    assert "1 unreadable images" in str(e.value) and "1 label codes that do not fit" in str(e.value)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="holds no images"):
