@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
+import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -67,6 +70,8 @@ class Config:
     label_map_file: str = _f("./data/vlm/label_map.json", "VLM: positional label map with defaults")
     instruction: str | None = _f(None, "VLM: optional text put after the image in the user turn")
     validation_split: float = _f(0.2, "VLM: share of images held out for validation (stratified by label code)")
+    resplit: bool = _f(False, "VLM: make a new split.json although one exists (after changing seed or "
+                       "validation_split); images may change sides")
     skip_invalid_images: bool = _f(False, "VLM: warn about and skip images whose code does not fit the label map, "
                                 "or that do not decode")
     image_min_pixels: int = _f(32 * 32 * 4, "VLM: smallest image area after resizing (one token per 32x32 pixels)")
@@ -125,9 +130,15 @@ class Config:
     # ---------------------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        """The folder name under output_dir: the last part of model_name_or_path (without .gguf)."""
-        name = Path(str(self.model_name_or_path).rstrip("/\\")).name
-        return (name[:-5] if name.lower().endswith(".gguf") else name) or "model"
+        """The folder name under output_dir: the last part of the resolved model_name_or_path (without .gguf),
+        as one safe path component, so outputs never leave output_dir (`a/..` is the folder `a` names)."""
+        raw = str(self.model_name_or_path).rstrip("/\\")
+        name = Path(raw).name
+        if name in ("", ".", ".."):
+            name = Path(raw).expanduser().resolve().name
+        if name.lower().endswith(".gguf"):
+            name = name[:-5]
+        return re.sub(r"[^\w.\-]+", "_", name).lstrip(".") or "model"
 
     @property
     def run_dir(self) -> Path:
@@ -165,6 +176,10 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+PATH_KEYS = ("model_name_or_path", "data_dir", "image_dir", "prompt_file", "label_map_file", "output_dir", "input",
+             "output", "resume_from_checkpoint")
+_SHORT = reprlib.Repr()  # values echoed in messages stay short, whatever the user passed
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 _HINTS = get_type_hints(Config)
 
 
@@ -197,30 +212,33 @@ def _convert(name: str, value: Any, from_cli: bool) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
             return False
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {_SHORT.repr(value)}")
     if base is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ValueError(f"expected a list of names (a,b,c), got {value!r}")
+        raise ValueError(f"expected a list of names (a,b,c), got {_SHORT.repr(value)}")
     if base is int:
         if isinstance(value, bool):
-            raise ValueError(f"expected a whole number, got {value!r}")
+            raise ValueError(f"expected a whole number, got {_SHORT.repr(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
             return int(value)
-        raise ValueError(f"expected a whole number, got {value!r}")
+        raise ValueError(f"expected a whole number, got {_SHORT.repr(value)}")
     if base is float:
         if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {_SHORT.repr(value)}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+            raise ValueError(f"expected a number, got {_SHORT.repr(value)}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {_SHORT.repr(value)}")
+        return number
     if base is str:
         if isinstance(value, (dict, list)):
             raise ValueError(f"expected text, got {type(value).__name__}")
@@ -241,7 +259,7 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
 
     def need(ok: bool, key: str, msg: str):
         if not ok and key not in failed:
-            p.append(f"`{key}` = {getattr(cfg, key)!r}: {msg}")
+            p.append(f"`{key}` = {_SHORT.repr(getattr(cfg, key))}: {msg}")
 
     for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "max_new_tokens", "logging_steps", "save_steps",
@@ -261,6 +279,10 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
     need(cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
     need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
+    need(0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
+    need(cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
+    need(cfg.max_length <= 10_000_000, "max_length", "must be <= 10000000")
+    need(not Path(cfg.output_dir).is_file(), "output_dir", "is an existing file; name a folder")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
          "use auto, cpu, cuda or cuda:N")
     need(Path(cfg.model_name_or_path).expanduser().resolve() != cfg.run_dir.expanduser().resolve(), "output_dir",
@@ -294,10 +316,13 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
             choices = FIELDS[key].metadata["choices"]
             if choices is not None and values[key] not in choices and not (values[key] is None and _nullable(key)):
                 allowed = ", ".join("null" if c is None else str(c) for c in choices)
-                problems.append(f"{where}: `{key}` = {value!r} is not allowed; use one of: {allowed}")
+                problems.append(f"{where}: `{key}` = {_SHORT.repr(value)} is not allowed; use one of: {allowed}")
                 failed.add(key)
                 values.pop(key)
     # The keys that converted are range-checked now too: every problem is reported in one message.
+    for key in PATH_KEYS:  # ~ and $VARS expand once, here, for every task
+        if isinstance(values.get(key), str):
+            values[key] = os.path.expandvars(os.path.expanduser(values[key]))
     cfg = Config(**values)
     cfg.cli_keys = frozenset(cli or ())  # which keys the user set explicitly for this run (not a config key)
     if cfg.device == "cuda":
@@ -318,7 +343,14 @@ def read_yaml(path: str | Path, required: bool) -> dict[str, Any]:
                             "or copy config.yaml from the repository")
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
+    if len(text) > 1_000_000:
+        raise UserError(f"{path}: {len(text)} characters is too large for a config file")
+    try:
+        data = yaml.safe_load(text)
+        _check_size(data, path)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -328,6 +360,22 @@ def read_yaml(path: str | Path, required: bool) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
     return data
+
+
+def _check_size(data: Any, path: Path, limit: int = 100_000) -> None:
+    """Refuse YAML whose aliases expand into a huge structure (an "alias bomb"): it would hang every step that
+    walks or prints the values."""
+    seen, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise UserError(f"{path}: the YAML expands to more than {limit} values (nested aliases?); "
+                            "write the values out plainly")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def default_of(name: str) -> Any:

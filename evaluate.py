@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from config import Config, UserError
-from data_processing import Encoder, build_dataset, load_examples, load_label_map
+from data_files import load_examples, load_label_map
+from data_processing import Encoder, build_dataset
 from inference import generate_batch, parse_json, report_empty
 from metrics import answer_loss, field_metrics, perplexity, plot_confusion, text_metrics
 from model_config import adopt_training_settings, load_for_inference

@@ -22,20 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config, UserError
-from data_processing import (
+from data_files import (
     IMAGE_SUFFIXES,
     Example,
     check_image,
-    end_of_turn_ids,
-    has_chat_template,
     list_images,
     load_image,
-    prompt_text,
     read_json,
     read_text,
-    strip_thinking,
     system_prompt,
 )
+from data_processing import end_of_turn_ids, has_chat_template, prompt_text, strip_thinking
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
 from outputs import write_jsonl

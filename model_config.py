@@ -315,7 +315,7 @@ def save_training_settings(cfg: Config, folder: Path) -> None:
     """run_config.yaml (the resolved config) and, for VLMs, the prompt text the adapter was trained with."""
     cfg.save(folder / "run_config.yaml")
     if cfg.model_type == "vlm":
-        from data_processing import load_prompt
+        from data_files import load_prompt
 
         text = load_prompt(Path(cfg.prompt_file))
         (folder / SAVED_PROMPT).write_text(json.dumps({"system_prompt": text}, ensure_ascii=False), encoding="utf-8")
@@ -350,7 +350,7 @@ def adopt_training_settings(cfg: Config) -> None:
         setattr(cfg, key, saved[key])
     prompt_copy = cfg.lora_dir / SAVED_PROMPT
     if cfg.model_type == "vlm" and prompt_copy.is_file() and "prompt_file" not in cli:
-        from data_processing import load_prompt
+        from data_files import load_prompt
 
         trained = load_prompt(prompt_copy)
         current = load_prompt(Path(cfg.prompt_file)) if Path(cfg.prompt_file).is_file() else None

@@ -7,12 +7,28 @@ JSON/JSONL result files, and peak memory (GPU: torch.cuda.max_memory_allocated; 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _user_mode(path: str | Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; give the result the modes the user's umask asks for, like other tools."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -21,6 +37,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _user_mode(tmp, directory=False)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -46,6 +63,7 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _user_mode(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
@@ -57,6 +75,69 @@ def atomic_dir(path: str | Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files and folders a killed run left (`.lora_model.x.tmp`, `.lora_model.old`); call with the
+    run folder's lock held, so no live run owns them."""
+    if not run_dir.is_dir():
+        return
+    for path in run_dir.glob(".*"):
+        if path.name.endswith((".tmp", ".old", ".tmp.png")) and path.name != ".lock":
+            logger.info("removing %s, left by an interrupted run", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path, what: str):
+    """One run per run folder: an exclusive lock file with the PID and host; a lock whose process is gone
+    (same host) is stale and taken over. Raises UserError naming the run that holds it."""
+    from config import UserError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "task": what,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            pid = owner.get("pid")
+            if owner.get("host") == me["host"] and isinstance(pid, int) and not _alive(pid):
+                logger.warning("%s was left by process %d, which has ended; taking it over", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            raise UserError(f"{run_dir} is in use by another run ({owner.get('task', '?')}, process "
+                            f"{pid or '?'} on {owner.get('host', '?')}, started {owner.get('started', '?')}). Wait "
+                            f"for it, use another --output_dir, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == me["pid"]:
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 def reset_peak_memory() -> None:

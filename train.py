@@ -20,7 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
-from data_processing import Collator, Encoder, build_dataset, load_examples
+from data_files import load_examples
+from data_processing import Collator, Encoder, build_dataset
 from metrics import answer_loss, perplexity
 from model_config import (
     attach_lora,

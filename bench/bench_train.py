@@ -61,7 +61,8 @@ def real_tokens(model_path: Path, data: Path) -> int:
     from transformers import AutoTokenizer
 
     from config import build_config
-    from data_processing import Encoder, load_qa_file
+    from data_files import load_qa_file
+    from data_processing import Encoder
 
     tok = AutoTokenizer.from_pretrained(model_path)
     enc = Encoder(tok, build_config({"max_length": MAX_LEN}, "bench"))
@@ -148,7 +149,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config import build_config
-    from data_processing import load_qa_file
+    from data_files import load_qa_file
     from inference import generate_batch
 
     tok = AutoTokenizer.from_pretrained(model)

@@ -5,15 +5,14 @@ import json
 import pytest
 
 from config import UserError, build_config
+from data_files import Example, load_qa_file
 from data_processing import (
     IGNORE_INDEX,
     Collator,
     Encoder,
-    Example,
     completion_text,
     encode_all,
     fingerprint,
-    load_qa_file,
     prompt_text,
     strip_thinking,
 )

@@ -199,7 +199,7 @@ def test_out_of_memory_becomes_a_hint(models, tmp_path, monkeypatch, capsys):
 
 def test_broken_prompt_json_and_folder_as_file(tmp_path):
     from config import UserError
-    from data_processing import load_prompt, load_qa_file
+    from data_files import load_prompt, load_qa_file
 
     bad = tmp_path / "prompt.json"
     bad.write_text('{"system_prompt": "inspect the pipe",}')
