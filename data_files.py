@@ -23,7 +23,8 @@ from outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_ASPECT_RATIO = 200  # Qwen-VL processors refuse images more elongated than this
 
 
 @dataclass
@@ -54,6 +55,8 @@ def read_json(path: Path, what: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: the JSON is nested too deeply to read; {what}s are flat lists of objects") from None
 
 
 def load_qa_file(path: Path) -> list[Example]:
@@ -118,6 +121,9 @@ def load_label_map(path: Path) -> dict:
             raise UserError(f"{path}: positions[{i}] needs a \"field\" name (a string)")
         if not isinstance(pos.get("map"), dict) or not pos["map"]:
             raise UserError(f"{path}: positions[{i}] ({pos['field']}) needs a non-empty \"map\" object")
+        if any(p.get("field") == pos["field"] for p in positions[:i] if isinstance(p, dict)):
+            raise UserError(f"{path}: positions[{i}] repeats the field name {pos['field']!r}; each position needs "
+                            "its own field (one would silently overwrite the other)")
         bad = [k for k in pos["map"] if len(k) != 1]
         if bad:
             raise UserError(f"{path}: positions[{i}].map keys must be single characters, got {bad}")
@@ -168,24 +174,42 @@ def load_prompt(path: Path) -> str:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The images directly in `folder`, sorted; what is skipped (sub-folders, other file types, broken links)
+    is logged with counts."""
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found; put the images there or set --image_dir")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files, skipped = [], defaultdict(list)
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() and not p.exists():
+            skipped["broken links"].append(p.name)
+        elif p.is_dir():
+            skipped["sub-folders (not searched)"].append(p.name)
+        elif p.suffix.lower() not in IMAGE_SUFFIXES:
+            if not p.name.startswith("."):
+                skipped["files of other types"].append(p.name)
+        else:
+            files.append(p)
+    for why, names in skipped.items():
+        logger.warning("%s: skipping %d %s: %s", folder, len(names), why,
+                       ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
     if not files:
         raise UserError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
 def check_image(path: Path) -> str | None:
-    """None if the image decodes, else the reason."""
+    """None if the image decodes completely and the processors accept its shape, else the reason."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im.verify()
-        return None
+            im.load()  # a full decode: verify() passes truncated files that fail later in training
+            w, h = im.size
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"{type(e).__name__}: {e}"
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        return f"{w}x{h} pixels: more elongated than {MAX_ASPECT_RATIO}:1, which the image processors refuse"
+    return None
 
 
 def vlm_examples(cfg: Config, files: list[Path], label_map: dict) -> list[Example]:
@@ -341,7 +365,16 @@ def system_prompt(cfg: Config) -> str | None:
 
 
 def load_image(path: str):
+    """RGB for the processor. High-bit-depth images (16-bit PNG/TIFF, float) are scaled to 8 bits, not clipped
+    (Pillow's plain convert would turn most of a 16-bit image white)."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            import numpy as np
+
+            arr = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() <= 65535) else arr.max()
+            arr = np.clip(arr / max(top, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+            return Image.fromarray(arr, mode="L").convert("RGB")
         return im.convert("RGB")

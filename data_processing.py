@@ -185,8 +185,12 @@ def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None
     key = fingerprint(encoder.processor, examples, encoder.cfg)
     path = cache_dir / f"{what}-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
-        logger.info("%s: using cached tokenisation %s", what, path.name)
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            logger.info("%s: using cached tokenisation %s", what, path.name)
+            return cached
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("%s is damaged (cut short by a crash?); tokenising again", path)
     encoded = [x for x in (encoder(e) for e in examples) if x is not None]
     encoder.report(len(examples), what)
     encoder.stats.clear()

@@ -13,6 +13,7 @@ and eval_predictions.jsonl.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def run(cfg: Config) -> int:
             for p, t in zip(parsed, targets)) / len(parsed)
         results["fields"] = field_metrics(parsed, targets, fields)
         for name, m in results["fields"].items():
-            plot_confusion(name, m, run_dir / f"confusion_{name}{suffix}.png")
+            safe = re.sub(r"[^\w.\-]+", "_", name).strip(".") or "field"  # field names are the user's text
+            plot_confusion(name, m, run_dir / f"confusion_{safe}{suffix}.png")
         rows = [{"file": e.image, "target": t, "prediction": q, "raw": p}
                 for e, t, p, q in zip(examples, targets, preds, parsed)]
     else:

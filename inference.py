@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,7 +36,6 @@ from data_files import (
 from data_processing import end_of_turn_ids, has_chat_template, prompt_text, strip_thinking
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
-from outputs import write_jsonl
 
 logger = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit", ":q"}
@@ -149,6 +149,11 @@ def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Examp
     elif path.is_file():
         if path.suffix.lower() == ".json":
             names = read_json(path, "image list")
+            if not isinstance(names, list):
+                raise UserError(f"{path}: expected a JSON array of image paths, got a JSON {type(names).__name__}")
+            for i, name in enumerate(names):
+                if not isinstance(name, str) or not name.strip():
+                    raise UserError(f"{path}: entry {i} is {json.dumps(name)[:60]}, not an image path (a string)")
         else:
             names = [n.strip() for n in read_text(path, "image list").splitlines() if n.strip()]
         files = [p if p.is_absolute() else (path.parent / p if (path.parent / p).exists() else p)
@@ -169,22 +174,56 @@ def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Examp
     return out
 
 
-def _run_batch(model, processor, cfg: Config, system: str | None) -> int:
-    path = Path(cfg.input).expanduser()
+def _prepare_batch(cfg: Config) -> tuple[list[Example], Path]:
+    """Read and check the inputs and the output path before any model loads."""
+    path = Path(cfg.input)
     examples = _read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else _read_text_inputs(path)
     for e in examples:
         if len(e.prompt) > cfg.max_input_chars:
             logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)
             e.prompt = e.prompt[:cfg.max_input_chars]
     output = Path(cfg.output) if cfg.output else cfg.run_dir / "predictions.jsonl"
-    preds = generate_batch(model, processor, examples, cfg, system, progress=True)
-    if cfg.model_type == "vlm":
-        rows = [{"file": e.image, "prediction": parse_json(p), "raw": p} for e, p in zip(examples, preds)]
-    else:
-        rows = [{"text": e.prompt, "prediction": p, **({"target": e.target} if e.target is not None else {})}
-                for e, p in zip(examples, preds)]
-    write_jsonl(output, rows)
-    logger.info("%d predictions written to %s", len(rows), output)
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; name a file, e.g. {output / 'predictions.jsonl'}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(_partial(output), "w", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write --output {output}: {e.strerror or e}") from None
+    return examples, output
+
+
+def _partial(output: Path) -> Path:
+    return output.with_name(output.name + ".partial")
+
+
+def _run_batch(model, processor, cfg: Config, system: str | None, examples: list[Example], output: Path) -> int:
+    """Predictions are appended to OUTPUT.partial chunk by chunk (a late failure keeps what was done) and the
+    file is renamed to OUTPUT when complete."""
+    chunk = cfg.per_device_eval_batch_size * 8
+    preds: list[str] = []
+    partial = _partial(output)
+    with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(examples), desc="generating", unit="input") as bar:
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            try:
+                answers = generate_batch(model, processor, part, cfg, system)
+            except Exception:
+                logger.error("stopped after %d of %d inputs; their predictions are in %s", len(preds), len(examples),
+                             partial)
+                raise
+            for e, p in zip(part, answers):
+                if cfg.model_type == "vlm":
+                    row = {"file": e.image, "prediction": parse_json(p), "raw": p}
+                else:
+                    row = {"text": e.prompt, "prediction": p, **({"target": e.target} if e.target is not None else {})}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            preds += answers
+            bar.update(len(part))
+    os.replace(partial, output)
+    logger.info("%d predictions written to %s", len(preds), output)
     report_empty(preds, cfg)
     scored = [(p, e.target) for p, e in zip(preds, examples) if e.target is not None]
     if scored and cfg.model_type == "llm":
@@ -274,7 +313,8 @@ def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int
 def run(cfg: Config) -> int:
     adopt_training_settings(cfg)
     system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
+    batch = _prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
-    if cfg.input:
-        return _run_batch(model, processor, cfg, system)
+    if batch is not None:
+        return _run_batch(model, processor, cfg, system, *batch)
     return _repl(model, processor, cfg, system)

@@ -12,6 +12,7 @@ Exit codes: 0 done, 2 a problem the user can fix (one message, no traceback unle
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -20,6 +21,8 @@ import warnings
 from config import FIELDS, UserError, _suggest, add_flags, build_config, read_yaml
 
 logger = logging.getLogger("lora")
+# A full disk, a read-only file system or a quota: the user's to fix, said in one line.
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
 def _train(cfg):
@@ -149,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        if debug:
+            logger.exception("write failed")
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: could not write{where}: {e.strerror or e}. Files already complete (lora_model/, results) "
+              "are written atomically and were left as they were; free space or choose another --output_dir",
+              file=sys.stderr)
+        return 2
     except Exception as e:
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(e, torch.OutOfMemoryError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def resolve_device(cfg: Config):
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return {"": "cpu"}, torch.device("cpu")
     if cfg.device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("`device` = 'mps' but Apple's MPS back end is not available here; use --device cpu "
+                            "or --device auto")
         return {"": "mps"}, torch.device("mps")
     if not torch.cuda.is_available():
         raise UserError(f"`device` = {cfg.device!r} but no CUDA GPU is visible here; use --device cpu or --device auto")
@@ -147,10 +151,26 @@ def _fp8_config(source: str, device: torch.device):
     return FineGrainedFP8Config(dequantize=True, **keep)
 
 
+def _refused_pickle(where, e: Exception) -> str:
+    return (f"refused to load {where}: a .bin/.pt file there holds pickled Python objects that safe "
+            f"(weights_only) loading does not allow ({str(e).strip().splitlines()[0][:160]}). Use safetensors "
+            "files, or files from a source you trust converted to safetensors")
+
+
+def _check_attention(cfg: Config) -> None:
+    if cfg.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise UserError("attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                            "(pip install flash-attn --no-build-isolation); use sdpa or null instead")
+
+
 def load_base(cfg: Config, purpose: str):
     """Load the base model and its processor for `purpose` ('train' or 'inference') -> (model, processor)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    _check_attention(cfg)
     source = resolve_model(cfg)
     device_map, device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
@@ -166,6 +186,8 @@ def load_base(cfg: Config, purpose: str):
     try:
         processor = _load_processor(cfg, source, purpose)
         model = auto_class.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise UserError(_refused_pickle(source, e)) from None
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {cfg.model_name_or_path}: {first} Without network, download the "
@@ -242,6 +264,12 @@ def attach_lora(model, cfg: Config):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     names = resolve_target_modules(model, cfg)
+    width = min((min(getattr(m, "in_features", 0) or 0, getattr(m, "out_features", 0) or 0)
+                 for n, m in model.named_modules() if n.split(".")[-1] in names and hasattr(m, "in_features")),
+                default=0)
+    if width and cfg.lora_r > width:
+        raise UserError(f"`lora_r` = {cfg.lora_r} is larger than the narrowest target layer ({width} features) of "
+                        f"{type(model).__name__}; a rank above that adds nothing. Use 4 to 64")
     if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False) \
             or getattr(model, "is_loaded_in_8bit", False):
         compute = model.get_input_embeddings().weight.dtype
@@ -376,6 +404,8 @@ def load_adapter(model, cfg: Config):
     require_adapter(cfg)
     try:
         model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
+    except pickle.UnpicklingError as e:
+        raise UserError(_refused_pickle(lora_dir, e)) from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"the adapter in {lora_dir} does not fit {cfg.model_name_or_path}: {str(e)[:300]}") from None
     logger.info("loaded LoRA adapter from %s", lora_dir)
@@ -391,5 +421,21 @@ def load_for_inference(cfg: Config):
         model = load_adapter(model, cfg)
     else:
         logger.info("--use_original_model: running the base model without the adapter")
+    context = context_length(model)
+    if context and cfg.max_new_tokens > context:
+        logger.warning("max_new_tokens=%d is more than the model's context length (%d tokens); using %d",
+                       cfg.max_new_tokens, context, context)
+        cfg.max_new_tokens = context
     model.eval()
     return model, processor
+
+
+def context_length(model) -> int | None:
+    """The most positions the model handles (bounds max_new_tokens: more would only generate forever)."""
+    config = getattr(model, "config", None)
+    for c in (config, getattr(config, "text_config", None)):
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(c, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None

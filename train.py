@@ -10,8 +10,12 @@ trainer_state.json, train_results.json (metrics, time, peak memory) and, for VLM
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -31,7 +35,15 @@ from model_config import (
     resolve_dtype,
     save_training_settings,
 )
-from outputs import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
+from model_sources import resolve_model
+from outputs import (
+    atomic_dir,
+    peak_memory_mb,
+    remove_stale_temporaries,
+    reset_peak_memory,
+    run_lock,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +194,93 @@ def _save_adapter(model, processor, cfg: Config) -> None:
     logger.info("adapter saved to %s", cfg.lora_dir)
 
 
+IDENTITY = "run_identity.json"  # in each checkpoint: which base model and training data it belongs to
+
+
+def _identity(cfg: Config, source: str, examples: list) -> dict:
+    """The base model (resolved path and a hash of its config) and a hash of the training set."""
+    path = Path(source)
+    config_sha = None
+    if (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            raw.pop(volatile, None)
+        config_sha = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    data = hashlib.sha256(json.dumps([[e.prompt, e.target, e.image] for e in examples]).encode()).hexdigest()[:16]
+    return {"base_model": str(path.resolve()) if path.exists() else source, "base_config_sha": config_sha,
+            "train_data_sha": data}
+
+
+class _RecordIdentity(TrainerCallback):
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            _write_identity(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.identity)
+
+
+def _write_identity(checkpoint: Path, identity: dict) -> None:
+    if checkpoint.is_dir():
+        write_json(checkpoint / IDENTITY, identity)
+
+
+def _check_resume(resume: str, identity: dict) -> None:
+    """Refuse a checkpoint of another base model, or one trained on other data (VLM: images added since)."""
+    saved_file = Path(resume) / IDENTITY
+    if not saved_file.is_file():
+        logger.warning("%s does not record its base model and data (older version, or killed while saving); "
+                       "resuming without checking them", resume)
+        return
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{saved_file} is damaged; resume from another checkpoint or start fresh") from None
+    if saved.get("base_model") != identity["base_model"] or saved.get("base_config_sha") != identity["base_config_sha"]:
+        raise UserError(f"{resume} was trained on the base model {saved.get('base_model')} (config "
+                        f"{saved.get('base_config_sha')}), not on {identity['base_model']} (config "
+                        f"{identity['base_config_sha']}); resuming would mix two models. Start fresh (without "
+                        "--resume_from_checkpoint) or use another --output_dir")
+    if saved.get("train_data_sha") != identity["train_data_sha"]:
+        raise UserError(f"the training data changed since {resume} was saved (LLM: train.json edited; VLM: images "
+                        "added or removed, so split.json grew); resuming would continue another data set under the "
+                        "checkpoint's schedule. Start fresh without --resume_from_checkpoint, or restore the data")
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail now, not after an epoch, when the outputs cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {run_dir}: {e.strerror or e}; choose another --output_dir") from None
+
+
 def run(cfg: Config) -> int:
     _check_packing(cfg)
     _check_gpu_options(cfg)
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
+    _check_writable(cfg.run_dir)
+    # Only the main process owns the run folder (accelerate/torchrun start one process per GPU).
+    main_process = os.environ.get("RANK", "0") == "0"
+    with run_lock(cfg.run_dir, "train") if main_process else contextlib.nullcontext():
+        if main_process:
+            remove_stale_temporaries(cfg.run_dir)
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> int:
     resume = _resolve_resume(cfg)
     examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
     if not examples["train"]:
         raise UserError("no training samples")
+    source = resolve_model(cfg)
+    identity = _identity(cfg, source, examples["train"])
+    if resume:
+        _check_resume(resume, identity)
     reset_peak_memory()
     started = time.time()
     set_seed(cfg.seed)  # before the model exists: LoRA's initial weights come from this generator
@@ -202,13 +292,17 @@ def run(cfg: Config) -> int:
     eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
+    if eval_ds is not None and not len(eval_ds):
+        logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
+                       "(raise max_length to get one)", cfg.max_length)
+        eval_ds = None
     args = _training_arguments(cfg)
     if eval_ds is None:
         args.eval_strategy = "no"
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=_make_collator(processor, cfg),
                           processing_class=getattr(processor, "tokenizer", processor),
-                          callbacks=[_ProgressLog()])
+                          callbacks=[_ProgressLog(), _RecordIdentity(identity)])
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
         logger.info("resuming from %s (global step %s)", resume, step)
@@ -219,7 +313,12 @@ def run(cfg: Config) -> int:
             logger.warning("interrupted: saving checkpoint-%d; continue with --resume_from_checkpoint auto",
                            trainer.state.global_step)
             trainer._save_checkpoint(trainer.model, trial=None)
+            _write_identity(cfg.run_dir / f"checkpoint-{trainer.state.global_step}", identity)
         raise
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refused to load a file of {resume}: it holds pickled Python objects that safe "
+                        f"(weights_only) loading does not allow ({str(e).splitlines()[0][:200]}). Only resume "
+                        "checkpoints you wrote yourself; start fresh without --resume_from_checkpoint") from None
     trainer.save_state()  # trainer_state.json in the run folder
     if trainer.is_world_process_zero():
         _save_adapter(trainer.model, processor, cfg)
