@@ -90,8 +90,21 @@ def test_invalid_yaml_reports_line(tmp_path, capsys):
 
 
 def test_shipped_configs_are_valid():
-    for path in ("config.yaml", "configs/demo_llm.yaml"):
+    for path in ("config.yaml", "configs/demo.yaml", "configs/demo_llm.yaml", "configs/demo_vlm.yaml"):
         parse(["--task", "train", "--config", path])
+
+
+def test_every_key_is_documented_in_config_yaml_and_both_readmes():
+    import yaml
+
+    from config import FIELDS
+
+    keys = set(FIELDS) - {"task"}
+    assert set(yaml.safe_load(open("config.yaml", encoding="utf-8"))) == keys
+    for readme in ("README.md", "README_zh.md"):
+        text = open(readme, encoding="utf-8").read()
+        missing = [k for k in keys if f"| `{k}` |" not in text]
+        assert not missing, f"{readme} does not document {missing}"
 
 
 def test_resolved_config_round_trips(tmp_path):
