@@ -3,7 +3,7 @@
 import pytest
 
 from config import Config, UserError, build_config
-from conftest import run_main
+from conftest import ROOT, run_main
 from main import parse
 
 
@@ -100,9 +100,9 @@ def test_every_key_is_documented_in_config_yaml_and_both_readmes():
     from config import FIELDS
 
     keys = set(FIELDS) - {"task"}
-    assert set(yaml.safe_load(open("config.yaml", encoding="utf-8"))) == keys
+    assert set(yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))) == keys
     for readme in ("README.md", "README_zh.md"):
-        text = open(readme, encoding="utf-8").read()
+        text = (ROOT / readme).read_text(encoding="utf-8")
         missing = [k for k in keys if f"| `{k}` |" not in text]
         assert not missing, f"{readme} does not document {missing}"
 
