@@ -30,15 +30,15 @@ class UserError(Exception):
 
 def _f(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False):
     meta = {"help": help, "choices": choices, "cli_only": cli_only}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # --- task -------------------------------------------------------------------------------------
-    task: str | None = _f(None, "what to run", ("train", "evaluate", "inference"))
+    task: str | None = _f(None, "what to run", ("train", "evaluate", "inference", "export", "compare"))
     # --- model ------------------------------------------------------------------------------------
     model_name_or_path: str = _f("./Qwen3-1.7B", "local model folder, a .gguf file (converted once), or a hub name "
                                  "(hub only when online)")
@@ -106,6 +106,11 @@ class Config:
     torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")
     resume_from_checkpoint: str | None = _f(None, "auto (latest complete checkpoint-N in the run folder) or a path")
     overwrite_output_dir: bool = _f(False, "allow training over an adapter of another base model")
+    early_stopping_patience: int | None = _f(None, "stop after N evaluations without a better eval_loss (keeps the "
+                                             "best checkpoint as the adapter; needs eval_strategy = save_strategy)")
+    trainer_args: dict = _f({}, "any other transformers TrainingArguments field (optim, max_steps, eval_steps, "
+                            "report_to, deepspeed, ...), given as a top-level key or flag; TrainingArguments "
+                            "validates them")
     # --- LoRA -------------------------------------------------------------------------------------
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x r")
@@ -123,6 +128,7 @@ class Config:
                            "folder or list")
     output: str | None = _f(None, "batch inference: where to write the predictions (.jsonl)")
     max_input_chars: int = _f(8000, "REPL/batch: longer inputs are truncated with a note")
+    export_dtype: str = _f("bfloat16", "export: dtype of the merged weights", ("bfloat16", "float16", "float32"))
     # --- misc -------------------------------------------------------------------------------------
     log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
     debug: bool = _f(False, "show full tracebacks for user errors")
@@ -253,6 +259,38 @@ def _suggest(name: str) -> str:
     return f" (did you mean `{close[0]}`?)" if close else " (see README: Configuration)"
 
 
+def trainer_fields() -> set[str]:
+    """TrainingArguments' field names (imports transformers: called only when a key is not ours)."""
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} - set(FIELDS)
+
+
+def _scalar(text: str) -> Any:
+    """A flag's text as YAML reads it: 50 -> 50, true -> True, 1e-4 -> 0.0001, a,b stays text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _check_trainer_args(passthrough: dict[str, Any]) -> list[str]:
+    """Let TrainingArguments itself judge the passed-through fields; its message names the problem."""
+    if not passthrough:
+        return []
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **passthrough})
+    except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)}: {first}"]
+    return []
+
+
 def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     """Range and consistency problems; keys in `failed` already have a type error and are not checked again."""
     p: list[str] = []
@@ -278,6 +316,10 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
     need(cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
     need(cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
+    need(cfg.early_stopping_patience is None or cfg.early_stopping_patience > 0, "early_stopping_patience",
+         "must be > 0 or null")
+    need(cfg.early_stopping_patience is None or (cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy),
+         "early_stopping_patience", "needs eval_strategy and save_strategy set alike (epoch or steps), not no")
     need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
     need(0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
     need(cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
@@ -296,12 +338,19 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     (`problems` found earlier, e.g. unknown flags, are reported in the same message)."""
     problems = list(problems or [])
     values: dict[str, Any] = {}
+    passthrough: dict[str, Any] = {}
     failed: set[str] = set()
     for layer, where, from_cli in ((raw, source, False), (cli or {}, "command line", True)):
         for key, value in layer.items():
+            if key == "trainer_args" and isinstance(value, dict):  # a saved run_config.yaml
+                passthrough.update(value)
+                continue
             if key not in FIELDS:
+                if key in trainer_fields():
+                    passthrough[key] = _scalar(value) if from_cli else value
+                    continue
                 flag = f"--{key}" if from_cli else f"`{key}`"
-                problems.append(f"{where}: unknown key {flag}{_suggest(key)}")
+                problems.append(f"{where}: unknown {'flag' if from_cli else 'key'} {flag}{_suggest(key)}")
                 continue
             try:
                 values[key] = _convert(key, value, from_cli)
@@ -329,7 +378,8 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
         cfg.device = "cuda:0"
     if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
         cfg.target_modules = ["all-linear"]
-    problems += _check_ranges(cfg, failed)
+    cfg.trainer_args = passthrough
+    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -397,7 +447,7 @@ def flag_help(name: str) -> str:
 def add_flags(parser) -> None:
     """One flag per config key, all parsed as text and converted by build_config (one error list)."""
     for name in FIELDS:
-        if name == "task":
+        if name in ("task", "trainer_args"):
             continue
         if _base_type(name) is bool:
             parser.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL",

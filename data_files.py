@@ -29,10 +29,12 @@ MAX_ASPECT_RATIO = 200  # Qwen-VL processors refuse images more elongated than t
 
 @dataclass
 class Example:
-    prompt: str  # the question (LLM) or the optional instruction (VLM)
-    target: str  # the answer text (VLM: the target JSON)
+    prompt: str  # the question (LLM) or the optional instruction (VLM); a conversation's last user turn
+    target: str  # the answer text (VLM: the target JSON); a conversation's last assistant turn
     image: str | None = None
     source: str = ""  # where it came from, for error messages: file[index] or the image path
+    system: str | None = None  # this sample's own system message (Alpaca "system", a conversation's system turn)
+    messages: list[dict] | None = None  # a multi-turn conversation, whole: every assistant turn is trained
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,28 +61,131 @@ def read_json(path: Path, what: str):
         raise UserError(f"{path}: the JSON is nested too deeply to read; {what}s are flat lists of objects") from None
 
 
-def load_qa_file(path: Path) -> list[Example]:
-    """A JSON array of {"text": ..., "target": ...} objects -> examples, every entry checked."""
+FORMATS = {  # name -> (keys that identify it, how the README shows it)
+    "text/target": ({"text", "target"}, '{"text": ..., "target": ...}'),
+    "alpaca": ({"instruction", "output"}, '{"instruction": ..., "input": ..., "output": ...}'),
+    "messages": ({"messages"}, '{"messages": [{"role": "user", "content": ...}, ...]}'),
+    "sharegpt": ({"conversations"}, '{"conversations": [{"from": "human", "value": ...}, ...]}'),
+}
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+          "model": "assistant", "bot": "assistant"}
+
+
+def _records(path: Path) -> list:
+    """A JSON array, or JSON Lines (one object per line)."""
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for n, line in enumerate(read_text(path, "data file").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {n} is not valid JSON (column {e.colno}: {e.msg})") from None
+                except RecursionError:
+                    raise UserError(f"{path}: line {n} is nested too deeply to read") from None
+        return rows
     data = read_json(path, "data file")
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of {{\"text\": ..., \"target\": ...}} objects, "
-                        f"got a JSON {type(data).__name__}")
-    if not data:
-        raise UserError(f"{path}: the array is empty; add at least one {{\"text\", \"target\"}} entry")
+        raise UserError(f"{path}: expected a JSON array of objects (or a .jsonl file), got a JSON "
+                        f"{type(data).__name__}")
+    return data
+
+
+def _format_of(item: dict) -> str | None:
+    return next((name for name, (keys, _) in FORMATS.items() if keys <= set(item)), None)
+
+
+def _text(path: Path, i: int, item: dict, key: str, required: bool = True) -> str | None:
+    value = item.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise UserError(f"{path}: entry {i} has no \"{key}\" (keys: {', '.join(item) or 'none'})")
+    if not isinstance(value, str):
+        raise UserError(f"{path}: entry {i}: \"{key}\" must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise UserError(f"{path}: entry {i}: \"{key}\" is empty")
+    return value
+
+
+def _conversation(path: Path, i: int, turns, role_key: str, content_key: str) -> list[dict]:
+    where = f"{path}: entry {i}"
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: the conversation must be a non-empty list of turns")
     out = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"{where}, turn {j}: expected an object with {role_key!r} and {content_key!r}")
+        role = _ROLES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise UserError(f"{where}, turn {j}: {role_key} {turn.get(role_key)!r} is not one of "
+                            f"{', '.join(sorted(_ROLES))}")
+        content = turn.get(content_key)
+        if not isinstance(content, str) or not content.strip():
+            raise UserError(f"{where}, turn {j}: {content_key!r} must be non-empty text")
+        if role == "system" and j != 0:
+            raise UserError(f"{where}, turn {j}: a system turn may only come first")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in out):
+        raise UserError(f"{where}: a training conversation needs a user turn and must end with an assistant turn")
+    return out
+
+
+def _example(path: Path, i: int, item: dict, kind: str) -> Example:
+    source = f"{path}[{i}]"
+    if kind == "text/target":
+        return Example(_text(path, i, item, "text"), _text(path, i, item, "target"), source=source)
+    if kind == "alpaca":
+        prompt = _text(path, i, item, "instruction")
+        extra = _text(path, i, item, "input", required=False)
+        if extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        return Example(prompt, _text(path, i, item, "output"), source=source,
+                       system=_text(path, i, item, "system", required=False) or None)
+    if kind == "messages":
+        turns = _conversation(path, i, item["messages"], "role", "content")
+    else:
+        turns = _conversation(path, i, item["conversations"], "from", "value")
+    system = turns[0]["content"] if turns[0]["role"] == "system" else None
+    last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
+    multi = sum(t["role"] == "assistant" for t in turns) > 1 or turns[-2]["role"] != "user"
+    return Example(last_user, turns[-1]["content"], source=source, system=system, messages=turns if multi else None)
+
+
+def load_data_file(path: Path) -> list[Example]:
+    """A training or validation file in any supported format (one format per file) -> examples, every entry
+    checked: {text, target}, Alpaca, OpenAI-style messages, ShareGPT conversations; JSON array or JSONL."""
+    data = _records(path)
+    if not data:
+        raise UserError(f"{path}: no entries; add at least one (README: Data)")
+    kinds = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
-            raise UserError(f"{path}: entry {i} is a {type(item).__name__}, expected an object with text and target")
-        for key in ("text", "target"):
-            value = item.get(key)
-            if value is None:
-                raise UserError(f"{path}: entry {i} has no \"{key}\" (keys: {', '.join(item) or 'none'})")
-            if not isinstance(value, str):
-                raise UserError(f"{path}: entry {i}: \"{key}\" must be a string, got {type(value).__name__}")
-            if not value.strip():
-                raise UserError(f"{path}: entry {i}: \"{key}\" is empty")
-        out.append(Example(prompt=item["text"], target=item["target"], source=f"{path}[{i}]"))
-    return out
+            raise UserError(f"{path}: entry {i} is a {type(item).__name__}, expected an object")
+        kind = _format_of(item)
+        if kind is None:
+            near = max(FORMATS, key=lambda name: len(FORMATS[name][0] & set(item)))
+            if FORMATS[near][0] & set(item):
+                missing = sorted(FORMATS[near][0] - set(item))[0]
+                raise UserError(f"{path}: entry {i} has no \"{missing}\" (keys: {', '.join(item)}; a {near} "
+                                f"entry looks like {FORMATS[near][1]})")
+            shown = "; ".join(f"{name} {example}" for name, (_, example) in FORMATS.items())
+            raise UserError(f"{path}: entry {i} matches no supported format (keys: {', '.join(item) or 'none'}). "
+                            f"Use one of: {shown}")
+        kinds.append(kind)
+    if len(set(kinds)) > 1:
+        first = kinds[0]
+        other = next(i for i, k in enumerate(kinds) if k != first)
+        raise UserError(f"{path}: mixes formats: entry 0 is {first}, entry {other} is {kinds[other]}; "
+                        "use one format per file")
+    return [_example(path, i, item, kinds[0]) for i, item in enumerate(data)]
+
+
+def data_file(root: Path, split: str) -> Path:
+    """data_dir/<split>.json, or <split>.jsonl when only that exists."""
+    path = root / f"{split}.json"
+    jsonl = root / f"{split}.jsonl"
+    return jsonl if not path.exists() and jsonl.exists() else path
 
 
 def load_hub_dataset(cfg: Config) -> dict[str, list[Example]]:
@@ -357,7 +462,7 @@ def load_examples(cfg: Config, for_training: bool) -> dict[str, list[Example]]:
     if cfg.dataset_name:
         return load_hub_dataset(cfg)
     root = Path(cfg.data_dir)
-    return {"train": load_qa_file(root / "train.json"), "validation": load_qa_file(root / "validation.json")}
+    return {split: load_data_file(data_file(root, split)) for split in ("train", "validation")}
 
 
 def system_prompt(cfg: Config) -> str | None:

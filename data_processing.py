@@ -33,7 +33,14 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------------------------------
 # messages and tokenisation
 def to_messages(ex: Example, system: str | None) -> list[dict]:
-    """Chat messages for the prompt side of an example (no assistant turn)."""
+    """Chat messages for the prompt side of an example (no final assistant turn). The sample's own system
+    message wins over the configured one; a conversation keeps its earlier turns."""
+    system = ex.system if ex.system is not None else system
+    if ex.messages:
+        msgs = [dict(m) for m in ex.messages[:-1]]
+        if system and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system})
+        return msgs
     msgs = []
     if ex.image is not None:
         if system:
@@ -71,7 +78,9 @@ def prompt_text(processor, ex: Example, system: str | None) -> str:
     """The text the model sees before its answer (chat template with thinking disabled, or plain)."""
     if has_chat_template(processor):
         return _apply_template(processor, to_messages(ex, system), add_generation_prompt=True)
-    return (f"{system}\n" if system else "") + f"{ex.prompt}\n"
+    turns = [m["content"] for m in to_messages(ex, system)] if ex.messages else \
+        ([ex.system or system] if (ex.system or system) else []) + [ex.prompt]
+    return "\n".join(turns) + "\n"
 
 
 def completion_text(processor, ex: Example, system: str | None, prompt: str) -> str:
@@ -98,6 +107,14 @@ def template_mismatch(processor) -> bool:
     return not full.startswith(prompt)
 
 
+def _end_of_turn_text(processor) -> str:
+    """What the template writes right after an answer's text (ChatML: `<|im_end|>`)."""
+    if template_mismatch(processor):
+        return ""
+    prompt = prompt_text(processor, _PROBE, None)
+    return completion_text(processor, _PROBE, None, prompt).split(_PROBE.target, 1)[-1]
+
+
 def end_of_turn_ids(processor) -> list[int]:
     """The special token(s) the chat template closes an answer with (ChatML: <|im_end|>), else the EOS.
 
@@ -106,8 +123,7 @@ def end_of_turn_ids(processor) -> list[int]:
     tok = _tokenizer(processor)
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     if has_chat_template(processor) and not template_mismatch(processor):
-        prompt = prompt_text(processor, _PROBE, None)
-        after = completion_text(processor, _PROBE, None, prompt).split(_PROBE.target, 1)[-1]
+        after = _end_of_turn_text(processor)
         special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         first = next((i for i in tok(after, add_special_tokens=False)["input_ids"] if i in special), None)
         if first is not None and first not in ids:
@@ -122,12 +138,17 @@ class Encoder:
         self.processor, self.tok, self.cfg = processor, _tokenizer(processor), cfg
         self.system = system_prompt(cfg)
         self.stats = Counter()
+        self.end_of_turn = _end_of_turn_text(processor) if has_chat_template(processor) else ""
         if template_mismatch(processor):
             logger.warning("the chat template of %s renders a conversation that does not start with its rendered "
                            "prompt, so the answer cannot be told apart from the prompt; training on the answer "
                            "followed by the EOS token instead", cfg.model_name_or_path)
 
     def __call__(self, ex: Example) -> dict | None:
+        if ex.messages and has_chat_template(self.processor):
+            encoded = self._conversation(ex)
+            if encoded is not False:
+                return encoded
         prompt = prompt_text(self.processor, ex, self.system)
         completion = completion_text(self.processor, ex, self.system, prompt)
         extra = {}
@@ -157,6 +178,45 @@ class Encoder:
                 [extra["mm_token_type_ids"][0], torch.zeros(len(answer_ids), dtype=torch.long)])
         return {"input_ids": ids, "labels": labels, **extra}
 
+    def _conversation(self, ex: Example) -> dict | None | bool:
+        """Every assistant turn of a conversation is trained (its text and the end-of-turn token after it), every
+        other token masked. The conversation is rendered once, as the model will see it, and the turns are found
+        in it by their text; False when that is not possible (then only the last turn is trained)."""
+        msgs = to_messages(ex, self.system) + [{"role": "assistant", "content": ex.target}]
+        full = _apply_template(self.processor, msgs)
+        after = self.end_of_turn
+        spans, cursor = [], 0
+        for message in msgs:
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                return self._cannot_split()
+            cursor = start + len(message["content"])
+            if message["role"] == "assistant":
+                if after and full.startswith(after, cursor):
+                    cursor += len(after)
+                spans.append((start, cursor))
+        try:
+            enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+            return self._cannot_split()
+        ids = enc["input_ids"]
+        labels = [t if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
+                  for t, (a, b) in zip(ids, enc["offset_mapping"])]
+        if len(ids) > self.cfg.max_length:
+            ids, labels = ids[:self.cfg.max_length], labels[:self.cfg.max_length]
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                self.stats["dropped"] += 1
+                return None
+            self.stats["cut"] += 1
+        return {"input_ids": ids, "labels": labels}
+
+    def _cannot_split(self) -> bool:
+        if not self.stats["whole_turns"]:
+            logger.warning("the chat template of %s changes the turns' text, so multi-turn samples train on their "
+                           "last assistant turn only", self.cfg.model_name_or_path)
+        self.stats["whole_turns"] += 1
+        return False
+
     def report(self, total: int, what: str) -> None:
         if self.stats["cut"] or self.stats["dropped"]:
             logger.warning("%s: %d of %d samples are longer than max_length=%d: %d answers cut at the limit, "
@@ -176,7 +236,7 @@ def fingerprint(processor, examples: list[Example], cfg: Config) -> str:
     except AttributeError:
         h.update(str(sorted(tok.get_vocab().items())[:5000]).encode())
     for e in examples:
-        h.update(json.dumps([e.prompt, e.target, e.image], ensure_ascii=False).encode())
+        h.update(json.dumps([e.prompt, e.target, e.image, e.system, e.messages], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 

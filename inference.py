@@ -28,6 +28,7 @@ from data_files import (
     Example,
     check_image,
     list_images,
+    load_data_file,
     load_image,
     read_json,
     read_text,
@@ -112,7 +113,8 @@ def parse_json(text: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------------
 # batch mode
 def _read_text_inputs(path: Path) -> list[Example]:
-    """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings)."""
+    """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings) with
+    "text" (and optional "target"), or any training data format."""
     text = read_text(path, "input file")
     if path.suffix.lower() == ".txt":
         lines = text.splitlines()
@@ -129,6 +131,8 @@ def _read_text_inputs(path: Path) -> list[Example]:
         items = read_json(path, "input file")
         if not isinstance(items, list):
             raise UserError(f"{path}: expected a JSON array of objects with \"text\"")
+    if items and all(isinstance(item, dict) and "text" not in item for item in items):
+        return load_data_file(path)  # a training-format file (Alpaca, messages, ShareGPT): answered, and scored
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -174,7 +178,7 @@ def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Examp
     return out
 
 
-def _prepare_batch(cfg: Config) -> tuple[list[Example], Path]:
+def prepare_batch(cfg: Config) -> tuple[list[Example], Path]:
     """Read and check the inputs and the output path before any model loads."""
     path = Path(cfg.input)
     examples = _read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else _read_text_inputs(path)
@@ -198,40 +202,53 @@ def _partial(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def _run_batch(model, processor, cfg: Config, system: str | None, examples: list[Example], output: Path) -> int:
-    """Predictions are appended to OUTPUT.partial chunk by chunk (a late failure keeps what was done) and the
-    file is renamed to OUTPUT when complete."""
+def _prediction_row(cfg: Config, e: Example, answers: dict[str, str]) -> dict:
+    """One output line: the input, each model's answer (VLM: parsed JSON, plus the raw text) and the target."""
+    if cfg.model_type == "vlm":
+        row = {"file": e.image}
+        for key, text in answers.items():
+            row[key] = parse_json(text)
+            row["raw" if key == "prediction" else f"{key}_raw"] = text
+        return row
+    return {"text": e.prompt, **answers, **({"target": e.target} if e.target is not None else {})}
+
+
+def run_batch(cfg: Config, examples: list[Example], output: Path, answer) -> dict[str, list[str]]:
+    """answer(examples) -> {column: answers}. Rows are appended to OUTPUT.partial chunk by chunk (a late failure
+    keeps what was done) and the file is renamed to OUTPUT when complete; text columns are scored against
+    targets when the input has them."""
     chunk = cfg.per_device_eval_batch_size * 8
-    preds: list[str] = []
-    partial = _partial(output)
+    columns: dict[str, list[str]] = {}
+    partial, done = _partial(output), 0
     with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(examples), desc="generating", unit="input") as bar:
         for start in range(0, len(examples), chunk):
             part = examples[start:start + chunk]
             try:
-                answers = generate_batch(model, processor, part, cfg, system)
+                answers = answer(part)
             except Exception:
-                logger.error("stopped after %d of %d inputs; their predictions are in %s", len(preds), len(examples),
+                logger.error("stopped after %d of %d inputs; their predictions are in %s", done, len(examples),
                              partial)
                 raise
-            for e, p in zip(part, answers):
-                if cfg.model_type == "vlm":
-                    row = {"file": e.image, "prediction": parse_json(p), "raw": p}
-                else:
-                    row = {"text": e.prompt, "prediction": p, **({"target": e.target} if e.target is not None else {})}
+            for i, e in enumerate(part):
+                row = _prediction_row(cfg, e, {k: v[i] for k, v in answers.items()})
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-            preds += answers
+            for k, v in answers.items():
+                columns.setdefault(k, []).extend(v)
+            done += len(part)
             bar.update(len(part))
     os.replace(partial, output)
-    logger.info("%d predictions written to %s", len(preds), output)
-    report_empty(preds, cfg)
-    scored = [(p, e.target) for p, e in zip(preds, examples) if e.target is not None]
-    if scored and cfg.model_type == "llm":
-        m = text_metrics([p for p, _ in scored], [t for _, t in scored])
-        exact = round(m["exact_match"] * len(scored))
-        logger.info("%d/%d exact (exact_match %.3f, rouge_l %.3f, bleu %.3f) against the input's targets",
-                    exact, len(scored), m["exact_match"], m["rouge_l"], m["bleu"])
-    return 0
+    logger.info("%d predictions written to %s", len(examples), output)
+    for key, preds in columns.items():
+        report_empty(preds, cfg)
+        scored = [(p, e.target) for p, e in zip(preds, examples) if e.target is not None]
+        if scored and cfg.model_type == "llm":
+            m = text_metrics([p for p, _ in scored], [t for _, t in scored])
+            exact = round(m["exact_match"] * len(scored))
+            label = "" if key == "prediction" else f"{key}: "
+            logger.info("%s%d/%d exact (exact_match %.3f, rouge_l %.3f, bleu %.3f) against the input's targets",
+                        label, exact, len(scored), m["exact_match"], m["rouge_l"], m["bleu"])
+    return columns
 
 
 def report_empty(preds: list[str], cfg: Config) -> int:
@@ -254,35 +271,49 @@ def _read_line(stream) -> str | None:
     return raw.decode("utf-8").rstrip("\r\n") if isinstance(raw, bytes) else raw.rstrip("\r\n")
 
 
-def _answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
-    from transformers import TextStreamer
-
+def line_example(cfg: Config, line: str) -> Example | None:
+    """A REPL line as an example: an image path (VLM) or a question (LLM); None after telling what is wrong."""
     if cfg.model_type == "vlm":
         path = Path(line.strip().strip("'\"")).expanduser()
         if not path.is_file():
             print(f"[image not found: {path}]", flush=True)
-            return
+            return None
         reason = check_image(path)
         if reason:
             print(f"[cannot read image {path}: {reason}]", flush=True)
-            return
-        raw = generate_batch(model, processor, [Example(cfg.instruction or "", None, image=str(path))], cfg, system)[0]
-        parsed = parse_json(raw)
-        print(json.dumps(parsed, ensure_ascii=False, indent=2) if parsed is not None else raw, flush=True)
-        return
+            return None
+        return Example(cfg.instruction or "", None, image=str(path))
     if len(line) > cfg.max_input_chars:
         print(f"[input is {len(line)} characters; truncated to max_input_chars={cfg.max_input_chars}]", flush=True)
         line = line[:cfg.max_input_chars]
+    return Example(line, None)
+
+
+def show_answer(cfg: Config, raw: str) -> str:
+    """VLM answers are shown as indented JSON when they parse."""
+    parsed = parse_json(raw) if cfg.model_type == "vlm" else None
+    return json.dumps(parsed, ensure_ascii=False, indent=2) if parsed is not None else raw
+
+
+def _answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
+    from transformers import TextStreamer
+
+    example = line_example(cfg, line)
+    if example is None:
+        return
+    if example.image is not None:
+        print(show_answer(cfg, generate_batch(model, processor, [example], cfg, system)[0]), flush=True)
+        return
     tok = getattr(processor, "tokenizer", processor)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    generate_batch(model, processor, [Example(line, None)], cfg, system, streamer=streamer)
+    generate_batch(model, processor, [example], cfg, system, streamer=streamer)
     sys.stdout.flush()
 
 
-def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int:
+def repl(cfg: Config, label: str, answer, stream=None) -> int:
+    """Read lines until exit/quit/EOF; answer(line) prints the answer. A failed answer does not end the session."""
     stream = stream if stream is not None else sys.stdin.buffer
     what = "an image path" if cfg.model_type == "vlm" else "a question"
-    label = "base model" if cfg.use_original_model else "fine-tuned model"
     print(f"Ready ({label}). Type {what}; exit, quit or Ctrl-D to leave.", flush=True)
     while True:
         print("> ", end="", flush=True)
@@ -302,7 +333,7 @@ def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int
         if line.strip().lower() in EXIT_WORDS:
             return 0
         try:
-            _answer_one(model, processor, cfg, line, system)
+            answer(line)
         except KeyboardInterrupt:
             print("\n[generation interrupted]", flush=True)
         except Exception as e:  # noqa: BLE001 - the session outlives one failed answer
@@ -313,8 +344,10 @@ def _repl(model, processor, cfg: Config, system: str | None, stream=None) -> int
 def run(cfg: Config) -> int:
     adopt_training_settings(cfg)
     system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
-    batch = _prepare_batch(cfg) if cfg.input else None
+    batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
     if batch is not None:
-        return _run_batch(model, processor, cfg, system, *batch)
-    return _repl(model, processor, cfg, system)
+        run_batch(cfg, *batch, lambda part: {"prediction": generate_batch(model, processor, part, cfg, system)})
+        return 0
+    label = "base model" if cfg.use_original_model else "fine-tuned model"
+    return repl(cfg, label, lambda line: _answer_one(model, processor, cfg, line, system))

@@ -3,6 +3,8 @@
     python main.py --task train      [--config config.yaml] [--KEY VALUE ...]
     python main.py --task evaluate   [--use_original_model]
     python main.py --task inference  [--input FILE --output FILE.jsonl]
+    python main.py --task export     (adapter merged into the base: output/<model>/merged/)
+    python main.py --task compare    [--input FILE --output FILE.jsonl]   (base and fine-tuned side by side)
     accelerate launch main.py --task train          (several GPUs)
 
 Exit codes: 0 done, 2 a problem the user can fix (one message, no traceback unless --debug),
@@ -18,7 +20,7 @@ import os
 import sys
 import warnings
 
-from config import FIELDS, UserError, _suggest, add_flags, build_config, read_yaml
+from config import FIELDS, UserError, add_flags, build_config, read_yaml
 
 logger = logging.getLogger("lora")
 # A full disk, a read-only file system or a quota: the user's to fix, said in one line.
@@ -43,8 +45,20 @@ def _inference(cfg):
     return inference.run(cfg)
 
 
+def _export(cfg):
+    import export
+
+    return export.run(cfg)
+
+
+def _compare(cfg):
+    import compare
+
+    return compare.run(cfg)
+
+
 # Imported lazily so that `--help` and config errors answer without loading torch.
-TASKS = {"train": _train, "evaluate": _evaluate, "inference": _inference}
+TASKS = {"train": _train, "evaluate": _evaluate, "inference": _inference, "export": _export, "compare": _compare}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -102,33 +116,38 @@ def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         prog="main.py", allow_abbrev=False,
         usage="%(prog)s --task {" + ",".join(TASKS) + "} [--config FILE] [--KEY VALUE ...]",
-        description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference.",
+        description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference, export (merge), compare.",
         epilog="Every config.yaml key is also a flag: --KEY VALUE (lists as a,b,c; null for none). "
-               "Precedence: defaults < config file < flags.")
+               "Any other transformers TrainingArguments field passes through to the Trainer (--optim "
+               "adamw_torch_fused --max_steps 50). Precedence: defaults < config file < flags.")
     parser.add_argument("--task", choices=list(TASKS), metavar="{" + ",".join(TASKS) + "}",
                         help="required: what to run")
     parser.add_argument("--config", default=None, help="YAML config file (default: config.yaml)")
     add_flags(parser)
     args, unknown = parser.parse_known_args(argv)
-    problems = []
-    expects_value = False
-    for item in unknown:
+    problems, extra = [], {}
+    i = 0
+    while i < len(unknown):  # flags that are not config keys: TrainingArguments fields, or typos
+        item = unknown[i]
         if item.startswith("--"):
-            key, _, inline = item[2:].partition("=")
-            problems.append(f"command line: unknown flag --{key}{_suggest(key)}")
-            expects_value = not inline
-        elif expects_value:  # the value of the unknown flag just reported: not a second problem
-            expects_value = False
+            key, eq, value = item[2:].partition("=")
+            if not eq:
+                has_value = i + 1 < len(unknown) and not unknown[i + 1].startswith("--")
+                value = unknown[i + 1] if has_value else "true"
+                i += has_value
+            extra[key] = value
         else:
             problems.append(f"command line: unexpected value {item!r} (flags take the form --key value)")
+        i += 1
     cli = {k: v for k, v in vars(args).items() if v is not None and k in FIELDS}
+    cli.update(extra)
     if args.task:
         cli["task"] = args.task
     config_path = args.config or "config.yaml"
     raw = read_yaml(config_path, required=args.config is not None)
     cfg = build_config(raw, config_path, cli, problems)
     if not cfg.task:
-        raise UserError("no task given: add --task train, --task evaluate or --task inference")
+        raise UserError("no task given: add --task " + ", --task ".join(TASKS))
     return cfg
 
 

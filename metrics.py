@@ -99,6 +99,45 @@ def field_metrics(parsed: list[dict | None], targets: list[dict], fields: list[s
     return out
 
 
+def _save_figure(fig, path: Path) -> None:
+    """Written under a temporary name and renamed: never a half-written PNG."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_loss_curves(log_history: list[dict], path: Path) -> None:
+    """Training and validation loss against the step, with the learning rate on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    lr = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="tab:blue")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr), ":", color="tab:gray", label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.legend(loc="upper center", frameon=False)
+    ax.legend(loc="upper right", frameon=False)
+    ax.set_title("loss curves")
+    _save_figure(fig, path)
+
+
 def plot_confusion(name: str, m: dict, path: Path) -> None:
     import matplotlib
 
@@ -117,11 +156,7 @@ def plot_confusion(name: str, m: dict, path: Path) -> None:
     for i, row in enumerate(cm):
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------

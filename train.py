@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_files import load_examples
 from data_processing import Collator, Encoder, build_dataset
-from metrics import answer_loss, perplexity
+from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
     attach_lora,
     check_adapter_owner,
@@ -149,7 +149,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
     _, device = resolve_device(cfg)
     dtype = resolve_dtype(cfg, device)
     on_gpu = device.type == "cuda"
-    return TrainingArguments(
+    fields = dict(
         output_dir=str(cfg.run_dir),
         num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -183,6 +183,11 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         torch_compile=cfg.torch_compile,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+    if cfg.early_stopping_patience:  # the best checkpoint (by eval_loss unless told otherwise) becomes the adapter
+        fields.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    # Every other TrainingArguments field the user set (optim, max_steps, report_to, ...) passes through as is.
+    fields.update(cfg.trainer_args)
+    return TrainingArguments(**fields)
 
 
 def _save_adapter(model, processor, cfg: Config) -> None:
@@ -206,7 +211,8 @@ def _identity(cfg: Config, source: str, examples: list) -> dict:
         for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
             raw.pop(volatile, None)
         config_sha = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
-    data = hashlib.sha256(json.dumps([[e.prompt, e.target, e.image] for e in examples]).encode()).hexdigest()[:16]
+    data = hashlib.sha256(json.dumps([[e.prompt, e.target, e.image, e.system, e.messages] for e in examples])
+                          .encode()).hexdigest()[:16]
     return {"base_model": str(path.resolve()) if path.exists() else source, "base_config_sha": config_sha,
             "train_data_sha": data}
 
@@ -299,10 +305,12 @@ def _train(cfg: Config) -> int:
     args = _training_arguments(cfg)
     if eval_ds is None:
         args.eval_strategy = "no"
+    callbacks = [_ProgressLog(), _RecordIdentity(identity)]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=_make_collator(processor, cfg),
-                          processing_class=getattr(processor, "tokenizer", processor),
-                          callbacks=[_ProgressLog(), _RecordIdentity(identity)])
+                          processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
         logger.info("resuming from %s (global step %s)", resume, step)
@@ -331,6 +339,8 @@ def _train(cfg: Config) -> int:
             loss = answer_loss(trainer.model, processor, eval_ds, cfg.per_device_eval_batch_size)
             metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
         write_json(cfg.run_dir / "train_results.json", metrics)
+        plot_loss_curves(trainer.state.log_history, cfg.run_dir / "loss.png")
+        logger.info("loss curves: %s", cfg.run_dir / "loss.png")
         logger.info("training done: %d steps in %.1f s, peak memory %s", trainer.state.global_step,
                     metrics["train_wall_seconds"], {k: v for k, v in metrics.items() if k.startswith("peak")})
     return 0

@@ -61,12 +61,12 @@ def real_tokens(model_path: Path, data: Path) -> int:
     from transformers import AutoTokenizer
 
     from config import build_config
-    from data_files import load_qa_file
+    from data_files import load_data_file
     from data_processing import Encoder
 
     tok = AutoTokenizer.from_pretrained(model_path)
     enc = Encoder(tok, build_config({"max_length": MAX_LEN}, "bench"))
-    return sum(len(x["input_ids"]) for x in (enc(e) for e in load_qa_file(data / "train.json")) if x)
+    return sum(len(x["input_ids"]) for x in (enc(e) for e in load_data_file(data / "train.json")) if x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config import build_config
-    from data_files import load_qa_file
+    from data_files import load_data_file
     from inference import generate_batch
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -157,7 +157,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     m.generation_config.eos_token_id = None
     m.generation_config.suppress_tokens = [tok.eos_token_id]
-    examples = load_qa_file(data / "train.json")[:32]
+    examples = load_data_file(data / "train.json")[:32]
     res = {}
     for size in (1, 8):
         cfg = build_config({"max_new_tokens": 32, "per_device_eval_batch_size": size}, "bench")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from config import UserError, build_config
-from data_files import Example, load_qa_file
+from data_files import Example, load_data_file
 from data_processing import (
     IGNORE_INDEX,
     Collator,
@@ -34,7 +34,7 @@ def _tok(models, arch):
 @pytest.mark.parametrize("content,fragment", [
     ('[{"text": "a", "target": "b"},\n {"text": "c" "target": "d"}]', "invalid JSON at line 2, column"),
     ('{"text": "a", "target": "b"}', "expected a JSON array"),
-    ('[]', "the array is empty"),
+    ('[]', "no entries"),
     ('[{"text": "a", "target": "b"}, "oops"]', "entry 1 is a str"),
     ('[{"text": "a"}]', 'entry 0 has no "target"'),
     ('[{"text": "a", "target": "  "}]', 'entry 0: "target" is empty'),
@@ -44,7 +44,7 @@ def test_bad_qa_files(tmp_path, content, fragment):
     path = tmp_path / "train.json"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError) as e:
-        load_qa_file(path)
+        load_data_file(path)
     assert fragment in str(e.value) and str(path) in str(e.value)
 
 
@@ -52,12 +52,12 @@ def test_utf8_bom_is_accepted(tmp_path):
     """Windows editors often save UTF-8 with a byte-order mark."""
     path = tmp_path / "train.json"
     path.write_bytes('[{"text": "问", "target": "答"}]'.encode("utf-8-sig"))
-    assert load_qa_file(path)[0].target == "答"
+    assert load_data_file(path)[0].target == "答"
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_qa_file(tmp_path / "train.json")
+        load_data_file(tmp_path / "train.json")
 
 
 def test_chat_template_masks_prompt_and_has_no_think_in_answer(models):

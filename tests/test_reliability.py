@@ -199,7 +199,7 @@ def test_out_of_memory_becomes_a_hint(models, tmp_path, monkeypatch, capsys):
 
 def test_broken_prompt_json_and_folder_as_file(tmp_path):
     from config import UserError
-    from data_files import load_prompt, load_qa_file
+    from data_files import load_data_file, load_prompt
 
     bad = tmp_path / "prompt.json"
     bad.write_text('{"system_prompt": "inspect the pipe",}')
@@ -210,7 +210,7 @@ def test_broken_prompt_json_and_folder_as_file(tmp_path):
     assert load_prompt(plain) == "Inspect the pipe and answer in JSON."
     (tmp_path / "train.json").mkdir()
     with pytest.raises(UserError, match="is a folder"):
-        load_qa_file(tmp_path / "train.json")
+        load_data_file(tmp_path / "train.json")
 
 
 def test_adapter_owner_check_tolerates_other_working_directories(tmp_path):
