@@ -74,8 +74,10 @@ class Config:
                        "validation_split); images may change sides")
     skip_invalid_images: bool = _f(False, "VLM: warn about and skip images whose code does not fit the label map, "
                                 "or that do not decode")
-    image_min_pixels: int = _f(32 * 32 * 4, "VLM: smallest image area after resizing (one token per 32x32 pixels)")
-    image_max_pixels: int = _f(32 * 32 * 512, "VLM: largest image area after resizing (512 image tokens)")
+    image_min_pixels: int = _f(32 * 32 * 4, "VLM: smallest image area after resizing (one image token per "
+                               "32x32 pixels for Qwen3-VL: patch 16, merge 2; 28x28 for Qwen2/2.5-VL: patch 14, "
+                               "merge 2)")
+    image_max_pixels: int = _f(32 * 32 * 512, "VLM: largest image area after resizing (Qwen3-VL: 512 image tokens)")
     freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
     lora_on_vision: bool = _f(False, "VLM: also put LoRA on the vision encoder's linear layers")
     # --- outputs ----------------------------------------------------------------------------------

@@ -173,9 +173,12 @@ class Encoder:
             answer_ids = answer_ids[:room]
         ids = prompt_ids + answer_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        if "mm_token_type_ids" in extra:
-            extra["mm_token_type_ids"] = torch.cat(
-                [extra["mm_token_type_ids"][0], torch.zeros(len(answer_ids), dtype=torch.long)])
+        for key, value in extra.items():
+            # Per-token tensors (mm_token_type_ids, token_type_ids, ...) cover the prompt: extend them over the
+            # answer with zeros (text). Everything else (pixel_values, image_grid_thw, image_sizes,
+            # pixel_attention_mask, ...) is per image and passes through as the processor made it.
+            if torch.is_tensor(value) and value.dim() == 2 and value.shape == (1, len(prompt_ids)):
+                extra[key] = torch.cat([value[0], value.new_zeros(len(answer_ids))])
         return {"input_ids": ids, "labels": labels, **extra}
 
     def _conversation(self, ex: Example) -> dict | None | bool:
@@ -309,7 +312,10 @@ class EncodedList(list):
 
 
 class Collator:
-    """Pads a batch: input_ids with the pad id, labels with -100; image tensors are concatenated."""
+    """Pads a batch: input_ids with the pad id, labels with -100, other per-token tensors with 0; every other
+    tensor the processor returned (pixel values, grids, image sizes, masks) is concatenated along the image axis."""
+
+    TEXT_KEYS = ("input_ids", "labels")
 
     def __init__(self, processor, pad_to_multiple_of: int | None = None):
         tok = _tokenizer(processor)
@@ -321,24 +327,24 @@ class Collator:
         longest = max(len(b["input_ids"]) for b in batch)
         if self.multiple:
             longest = -(-longest // self.multiple) * self.multiple
-        out = {"input_ids": [], "labels": [], "attention_mask": []}
-        has_tt = "mm_token_type_ids" in batch[0]
-        if has_tt:
-            out["mm_token_type_ids"] = []
-        for b in batch:
-            n = len(b["input_ids"])
-            pad = longest - n
-            out["input_ids"].append(list(b["input_ids"]) + [self.pad_id] * pad)
-            out["labels"].append(list(b["labels"]) + [IGNORE_INDEX] * pad)
-            out["attention_mask"].append([1] * n + [0] * pad)
-            if has_tt:
-                out["mm_token_type_ids"].append(torch.nn.functional.pad(b["mm_token_type_ids"], (0, pad)))
-        result = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items() if k != "mm_token_type_ids"}
-        if has_tt:
-            result["mm_token_type_ids"] = torch.stack(out["mm_token_type_ids"])
-        for key in ("pixel_values", "image_grid_thw"):
-            if key in batch[0]:
-                result[key] = torch.cat([b[key] for b in batch], dim=0)
+        result = {
+            "input_ids": torch.tensor([list(b["input_ids"]) + [self.pad_id] * (longest - len(b["input_ids"]))
+                                       for b in batch], dtype=torch.long),
+            "labels": torch.tensor([list(b["labels"]) + [IGNORE_INDEX] * (longest - len(b["labels"]))
+                                    for b in batch], dtype=torch.long),
+            "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (longest - len(b["input_ids"]))
+                                            for b in batch], dtype=torch.long),
+        }
+        for key in batch[0]:
+            if key in self.TEXT_KEYS or key == "attention_mask":
+                continue
+            values = [b[key] for b in batch]
+            per_token = all(torch.is_tensor(v) and v.dim() == 1 and len(v) == len(b["input_ids"])
+                            for v, b in zip(values, batch))
+            if per_token:
+                result[key] = torch.stack([torch.nn.functional.pad(v, (0, longest - len(v))) for v in values])
+            elif all(torch.is_tensor(v) for v in values):
+                result[key] = torch.cat(values, dim=0)
         return result
 
 

@@ -127,6 +127,42 @@ def test_vlm_encoding_masks_everything_but_the_json(models, tmp_path):
         Encoder(processor, short)(ex)                               # never a cut JSON answer
 
 
+def test_every_processor_output_reaches_the_model(models, tmp_path):
+    """Processors of other VLM families return more than pixel_values/image_grid_thw (LLaVA-Next image_sizes,
+    Idefics pixel_attention_mask, Gemma 3 token_type_ids): the encoder and collator carry all of them."""
+    import torch
+    from transformers import AutoProcessor
+
+    real = AutoProcessor.from_pretrained(models("qwen3_vl"))
+
+    class OtherFamily:  # the real processor, plus the extra outputs other families return
+        tokenizer, chat_template = real.tokenizer, real.chat_template
+
+        def apply_chat_template(self, *a, **kw):
+            return real.apply_chat_template(*a, **kw)
+
+        def __call__(self, **kw):
+            out = real(**kw)
+            n = out["input_ids"].shape[1]
+            out["token_type_ids"] = torch.ones(1, n, dtype=torch.long)
+            out["image_sizes"] = torch.tensor([[96, 96]])
+            out["pixel_attention_mask"] = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+            return out
+
+    folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg"])
+    cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=4096, image_max_pixels=16384)
+    examples = vlm_split(cfg, write=False)
+    encoder = Encoder(OtherFamily(), cfg)
+    a, b = (encoder(e) for e in examples["train"] + examples["validation"])
+    assert len(a["token_type_ids"]) == len(a["input_ids"])          # extended over the answer
+    batch = Collator(real)([a, b])
+    width = batch["input_ids"].shape[1]
+    assert batch["token_type_ids"].shape == (2, width)
+    assert batch["image_sizes"].tolist() == [[96, 96], [96, 96]]
+    assert batch["pixel_attention_mask"].shape == (2, 2, 4, 4)
+    assert batch["image_grid_thw"].shape == (2, 3)
+
+
 def test_parse_json_tolerates_fences_and_text():
     assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
     assert parse_json('Result: {"a": {"b": 2}} done') == {"a": {"b": 2}}
