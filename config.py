@@ -123,7 +123,8 @@ class Config:
     temperature: float = _f(0.0, "sampling temperature; 0 means greedy decoding")
     top_p: float = _f(1.0, "nucleus sampling threshold in (0, 1]")
     repetition_penalty: float = _f(1.0, "penalty > 1 discourages repeating tokens")
-    max_eval_samples: int | None = _f(None, "evaluate only the first N validation samples")
+    max_eval_samples: int | None = _f(None, "evaluate N validation samples: LLM the first N, VLM a subset "
+                                      "stratified by label code (seeded)")
     # --- inference --------------------------------------------------------------------------------
     use_original_model: bool = _f(False, "evaluate/infer with the base model, without the LoRA adapter")
     input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image "

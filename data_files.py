@@ -455,6 +455,26 @@ def vlm_split(cfg: Config, write: bool) -> dict[str, list[Example]]:
     return {k: [by_file[f] for f in saved[k] if f in by_file] for k in ("train", "validation")}
 
 
+def stratified_subset(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """n examples with the label codes in proportion: codes take turns (each shuffled with `seed`), so a subset
+    of a sorted image folder is not biased toward low codes."""
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for e in examples:
+        groups[label_code(Path(e.image)) if e.image else ""].append(e)
+    rng = random.Random(seed)
+    queues = []
+    for code in sorted(groups):
+        members = list(groups[code])
+        rng.shuffle(members)
+        queues.append(members)
+    picked: list[Example] = []
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
+
+
 def load_examples(cfg: Config, for_training: bool) -> dict[str, list[Example]]:
     """{'train': [...], 'validation': [...]} for the configured modality."""
     if cfg.model_type == "vlm":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from config import Config, UserError
-from data_files import load_examples, load_label_map
+from data_files import load_examples, load_label_map, stratified_subset
 from data_processing import Encoder, build_dataset
 from inference import generate_batch, parse_json, report_empty
 from metrics import answer_loss, field_metrics, perplexity, plot_confusion, text_metrics
@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 def run(cfg: Config) -> int:
     adopt_training_settings(cfg)
     examples = load_examples(cfg, for_training=False)["validation"]
-    if cfg.max_eval_samples:
-        examples = examples[:cfg.max_eval_samples]
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(examples):
+        # VLM: a stratified subset (the files are sorted by label code); LLM: the first N, in the file's order.
+        examples = stratified_subset(examples, cfg.max_eval_samples, cfg.seed) if cfg.model_type == "vlm" \
+            else examples[:cfg.max_eval_samples]
     if not examples:
         raise UserError("the validation set is empty; add samples (LLM: validation.json; VLM: more images)")
     reset_peak_memory()

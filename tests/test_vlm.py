@@ -163,6 +163,16 @@ def test_every_processor_output_reaches_the_model(models, tmp_path):
     assert batch["image_grid_thw"].shape == (2, 3)
 
 
+def test_max_eval_samples_takes_every_code():
+    from data_files import Example, stratified_subset
+
+    examples = [Example("", "{}", image=f"{code}_{i}.jpg") for code in ("000", "131", "142") for i in range(10)]
+    subset = stratified_subset(examples, 6, seed=1)
+    codes = [e.image.split("_")[0] for e in subset]
+    assert sorted(codes) == ["000", "000", "131", "131", "142", "142"]   # not the first six files (all 000)
+    assert stratified_subset(examples, 6, seed=1) == subset and stratified_subset(examples, 6, seed=2) != subset
+
+
 def test_parse_json_tolerates_fences_and_text():
     assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
     assert parse_json('Result: {"a": {"b": 2}} done') == {"a": {"b": 2}}
