@@ -78,6 +78,12 @@ class Config:
                                "32x32 pixels for Qwen3-VL: patch 16, merge 2; 28x28 for Qwen2/2.5-VL: patch 14, "
                                "merge 2)")
     image_max_pixels: int = _f(32 * 32 * 512, "VLM: largest image area after resizing (Qwen3-VL: 512 image tokens)")
+    balance: str = _f("none", "VLM: class balancing over label codes in the training split: none, oversample "
+                      "(repeat rarer codes' images) or weighted (draw each code equally often)",
+                      ("none", "oversample", "weighted"))
+    augmentation: list[str] = _f([], "VLM: online, seeded augmentation of training images, any of hflip, vflip, "
+                                 "rotate, crop, color, blur (README: which can change a label)")
+    augmentation_p: float = _f(0.5, "VLM: probability of each chosen augmentation per image, in (0, 1]")
     freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
     lora_on_vision: bool = _f(False, "VLM: also put LoRA on the vision encoder's linear layers")
     # --- outputs ----------------------------------------------------------------------------------
@@ -313,6 +319,7 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
     need(cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 = off)")
     need(0 < cfg.validation_split < 1, "validation_split", "must be in (0, 1)")
+    need(0 < cfg.augmentation_p <= 1, "augmentation_p", "must be in (0, 1]")
     need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")

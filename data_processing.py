@@ -134,8 +134,9 @@ def end_of_turn_ids(processor) -> list[int]:
 class Encoder:
     """Example -> {input_ids, labels[, pixel_values, image_grid_thw, ...]}; labels are -100 on the prompt."""
 
-    def __init__(self, processor, cfg: Config):
+    def __init__(self, processor, cfg: Config, transform=None):
         self.processor, self.tok, self.cfg = processor, _tokenizer(processor), cfg
+        self.transform = transform  # training images only: augmentation (training_data.augmentation)
         self.system = system_prompt(cfg)
         self.stats = Counter()
         self.end_of_turn = _end_of_turn_text(processor) if has_chat_template(processor) else ""
@@ -153,7 +154,10 @@ class Encoder:
         completion = completion_text(self.processor, ex, self.system, prompt)
         extra = {}
         if ex.image is not None:
-            out = self.processor(text=[prompt], images=[load_image(ex.image)], return_tensors="pt")
+            image = load_image(ex.image)
+            if self.transform is not None:
+                image = self.transform(image)
+            out = self.processor(text=[prompt], images=[image], return_tensors="pt")
             prompt_ids = out["input_ids"][0].tolist()
             extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         else:

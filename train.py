@@ -44,6 +44,7 @@ from outputs import (
     run_lock,
     write_json,
 )
+from training_data import augmentation, balance
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ class _LoraTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "weights", None) is not None:  # balance: weighted
+            generator = torch.Generator().manual_seed(self.args.seed)
+            return torch.utils.data.WeightedRandomSampler(dataset.weights, len(dataset.weights), replacement=True,
+                                                          generator=generator)
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                         lengths=dataset.lengths)
@@ -294,7 +299,11 @@ def _train(cfg: Config) -> int:
     model = attach_lora(model, cfg)
     encoder = Encoder(processor, cfg)
     cache = cfg.run_dir / "cache"
-    train_ds = build_dataset(encoder, examples["train"], cache, "train")
+    train_examples, weights = balance(examples["train"], cfg)
+    transform = augmentation(cfg)
+    train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples, cache,
+                             "train")
+    train_ds.weights = weights
     eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
