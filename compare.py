@@ -15,17 +15,17 @@ import logging
 
 from config import Config, UserError
 from data_files import system_prompt
-from inference import generate_batch, line_example, prepare_batch, repl, run_batch, show_answer
+from inference import Answerer, line_example, prepare_batch, repl, run_batch, show_answer
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
 
 logger = logging.getLogger(__name__)
 
 
-def both_answers(model, processor, cfg: Config, examples, system: str | None) -> dict[str, list[str]]:
-    finetuned = generate_batch(model, processor, examples, cfg, system)
-    with model.disable_adapter():
-        base = generate_batch(model, processor, examples, cfg, system)
+def both_answers(answerer: Answerer, examples) -> dict[str, list[str]]:
+    finetuned = answerer.texts(examples)
+    with answerer.model.disable_adapter():
+        base = answerer.texts(examples)
     return {"base": base, "finetuned": finetuned}
 
 
@@ -36,9 +36,10 @@ def run(cfg: Config) -> int:
     system = system_prompt(cfg)
     batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
+    answerer = Answerer(model, processor, cfg, system)  # VLM: both answers constrained to the label map
     if batch is not None:
         examples, _ = batch
-        columns = run_batch(cfg, *batch, lambda part: both_answers(model, processor, cfg, part, system))
+        columns = run_batch(cfg, *batch, lambda part: both_answers(answerer, part))
         targets = [e.target for e in examples]
         if cfg.model_type == "llm" and all(t is not None for t in targets):
             base, tuned = (text_metrics(columns[k], targets) for k in ("base", "finetuned"))
@@ -48,7 +49,7 @@ def run(cfg: Config) -> int:
     def answer(line: str) -> None:
         example = line_example(cfg, line)
         if example is not None:
-            out = both_answers(model, processor, cfg, [example], system)
+            out = both_answers(answerer, [example])
             print(f"[base]\n{show_answer(cfg, out['base'][0])}\n[fine-tuned]\n{show_answer(cfg, out['finetuned'][0])}",
                   flush=True)
 

@@ -131,6 +131,12 @@ class Config:
     repetition_penalty: float = _f(1.0, "penalty > 1 discourages repeating tokens")
     max_eval_samples: int | None = _f(None, "evaluate N validation samples: LLM the first N, VLM a subset "
                                       "stratified by label code (seeded)")
+    constrained_decoding: bool = _f(True, "VLM: constrain answers to the label map's JSON schema (xgrammar), so every "
+                                    "answer parses and uses allowed values")
+    report_unconstrained: bool = _f(False, "VLM evaluate: also generate without the constraint and report "
+                                    "json_valid_rate_unconstrained (twice the generation time)")
+    keep_model_confidence: bool = _f(False, "VLM: keep the confidence the model wrote instead of the one computed "
+                                     "from its token probabilities")
     # --- inference --------------------------------------------------------------------------------
     use_original_model: bool = _f(False, "evaluate/infer with the base model, without the LoRA adapter")
     input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image "

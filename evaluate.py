@@ -20,10 +20,20 @@ from pathlib import Path
 from config import Config, UserError
 from data_files import load_examples, load_label_map, stratified_subset
 from data_processing import Encoder, build_dataset
-from inference import generate_batch, parse_json, report_empty
-from metrics import answer_loss, field_metrics, perplexity, plot_confusion, text_metrics
+from inference import annotate_vlm, generate_batch, report_empty, vlm_constraint
+from metrics import (
+    answer_loss,
+    calibration,
+    field_metrics,
+    perplexity,
+    plot_confusion,
+    plot_reliability,
+    text_metrics,
+)
 from model_config import adopt_training_settings, load_for_inference
 from outputs import peak_memory_mb, reset_peak_memory, write_json, write_jsonl
+from report import write_report
+from structured import parse_and_check, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,7 @@ def run(cfg: Config) -> int:
             else examples[:cfg.max_eval_samples]
     if not examples:
         raise UserError("the validation set is empty; add samples (LLM: validation.json; VLM: more images)")
+    label_map = load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
     reset_peak_memory()
     model, processor = load_for_inference(cfg)
     encoder = Encoder(processor, cfg)  # reads the system prompt once, for loss and generation
@@ -44,7 +55,8 @@ def run(cfg: Config) -> int:
     samples = build_dataset(encoder, examples, None, "validation")
     loss = answer_loss(model, processor, samples, cfg.per_device_eval_batch_size)
     gen_start = time.time()
-    preds = generate_batch(model, processor, examples, cfg, encoder.system, progress=True)
+    constraint = vlm_constraint(model, processor, cfg, label_map)
+    preds = generate_batch(model, processor, examples, cfg, encoder.system, progress=True, constraint=constraint)
     gen_seconds = time.time() - gen_start
     empty = report_empty(preds, cfg)
     results = {"model": cfg.model_name_or_path, "adapter": None if cfg.use_original_model else str(cfg.lora_dir),
@@ -53,21 +65,11 @@ def run(cfg: Config) -> int:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_original_model" if cfg.use_original_model else ""
-    if cfg.model_type == "vlm":
-        label_map = load_label_map(Path(cfg.label_map_file))
-        fields = [p["field"] for p in label_map["positions"]]
-        parsed = [parse_json(p) for p in preds]
-        targets = [parse_json(e.target) for e in examples]
-        results["json_valid_rate"] = sum(p is not None for p in parsed) / len(parsed)
-        results["exact_match"] = sum(
-            isinstance(p, dict) and all(str(p.get(f)) == str(t.get(f)) for f in fields)
-            for p, t in zip(parsed, targets)) / len(parsed)
-        results["fields"] = field_metrics(parsed, targets, fields)
+    if label_map is not None:
+        rows = _vlm_results(model, processor, cfg, examples, preds, encoder.system, label_map, constraint, results)
         for name, m in results["fields"].items():
-            safe = re.sub(r"[^\w.\-]+", "_", name).strip(".") or "field"  # field names are the user's text
-            plot_confusion(name, m, run_dir / f"confusion_{safe}{suffix}.png")
-        rows = [{"file": e.image, "target": t, "prediction": q, "raw": p}
-                for e, t, p, q in zip(examples, targets, preds, parsed)]
+            plot_confusion(name, m, run_dir / f"confusion_{_safe(name)}{suffix}.png")
+        plot_reliability(results["calibration"], run_dir / f"reliability{suffix}.png")
     else:
         results.update(text_metrics(preds, [e.target for e in examples]))
         rows = [{"text": e.prompt, "target": e.target, "prediction": p} for e, p in zip(examples, preds)]
@@ -76,10 +78,45 @@ def run(cfg: Config) -> int:
                    eval_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())
     write_json(run_dir / f"eval_results{suffix}.json", results)
     write_jsonl(run_dir / f"eval_predictions{suffix}.jsonl", rows)
-    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items() if k != "fields"}
+    write_report(run_dir / f"eval_report{suffix}.html", cfg, results, rows)
+    summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()
+               if k not in ("fields", "calibration")}
     logger.info("evaluation: %s", summary)
     for name, m in results.get("fields", {}).items():
-        logger.info("field %s: accuracy %.3f (majority baseline %.3f), macro F1 %.3f", name, m["accuracy"],
-                    m["majority_baseline"], m["macro_f1"])
-    logger.info("results written to %s", run_dir / f"eval_results{suffix}.json")
+        c = results["calibration"].get(name, {})
+        logger.info("field %s: accuracy %.3f (majority baseline %.3f), macro F1 %.3f, ECE %s, Brier %s", name,
+                    m["accuracy"], m["majority_baseline"], m["macro_f1"],
+                    f"{c['ece']:.3f}" if "ece" in c else "-", f"{c['brier']:.3f}" if "brier" in c else "-")
+    logger.info("results written to %s; report: %s", run_dir / f"eval_results{suffix}.json",
+                run_dir / f"eval_report{suffix}.html")
     return 0
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip(".") or "field"  # field names are the user's text
+
+
+def _vlm_results(model, processor, cfg: Config, examples, preds, system, label_map, constraint, results) -> list:
+    """json_valid_rate, exact match, per-field metrics, field confidences and their calibration; -> rows."""
+    fields = [p["field"] for p in label_map["positions"]]
+    notes = annotate_vlm(model, processor, examples, preds, cfg, system, label_map)
+    parsed = [n["parsed"] for n in notes]
+    targets = [parse_json(e.target) for e in examples]
+    n = len(parsed)
+    results["constrained_decoding"] = constraint is not None
+    results["json_valid_rate"] = sum(p is not None for p in parsed) / n
+    results["schema_valid_rate"] = sum(parse_and_check(p, label_map) is not None for p in preds) / n
+    if cfg.report_unconstrained and constraint is not None:
+        free = generate_batch(model, processor, examples, cfg, system, progress=True)
+        results["json_valid_rate_unconstrained"] = sum(parse_json(p) is not None for p in free) / n
+        results["schema_valid_rate_unconstrained"] = sum(parse_and_check(p, label_map) is not None for p in free) / n
+    results["exact_match"] = sum(
+        isinstance(p, dict) and all(str(p.get(f)) == str(t.get(f)) for f in fields)
+        for p, t in zip(parsed, targets)) / n
+    results["fields"] = field_metrics(parsed, targets, fields)
+    results["calibration"] = {f: calibration([x["distributions"].get(f, {}) for x in notes],
+                                             [t.get(f) for t in targets],
+                                             [(p or {}).get(f) for p in parsed]) for f in fields}
+    return [{"file": e.image, "target": t, "prediction": x["parsed"], "raw": p,
+             "field_confidence": x["field_confidence"], "confidence": x["confidence"]}
+            for e, t, p, x in zip(examples, targets, preds, notes)]

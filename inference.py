@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from data_files import (
     list_images,
     load_data_file,
     load_image,
+    load_label_map,
     read_json,
     read_text,
     system_prompt,
@@ -37,6 +37,7 @@ from data_files import (
 from data_processing import end_of_turn_ids, has_chat_template, prompt_text, strip_thinking
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
+from structured import SchemaConstraint, field_confidences, parse_json, with_confidence
 
 logger = logging.getLogger(__name__)
 EXIT_WORDS = {"exit", "quit", ":q"}
@@ -76,8 +77,9 @@ def _encode_prompts(processor, examples: list[Example], system: str | None) -> d
 
 @torch.inference_mode()
 def generate_batch(model, processor, examples: list[Example], cfg: Config, system: str | None,
-                   streamer=None, progress: bool = False) -> list[str]:
-    """Answers for `examples`, in order, per_device_eval_batch_size at a time."""
+                   streamer=None, progress: bool = False, constraint=None) -> list[str]:
+    """Answers for `examples`, in order, per_device_eval_batch_size at a time; `constraint` (a
+    structured.SchemaConstraint) restricts them to the label map's JSON schema."""
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     kwargs = _generation_kwargs(model, processor, cfg)
@@ -89,6 +91,8 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
     device = _device(model)
     for idx in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
         inputs = _encode_prompts(processor, [examples[i] for i in idx], system).to(device)
+        if constraint is not None:
+            kwargs["logits_processor"] = [constraint.logits_processor()]  # fresh matcher state per call
         out = model.generate(**inputs, streamer=streamer, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
@@ -96,18 +100,27 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
     return answers
 
 
-def parse_json(text: str) -> dict | None:
-    """The first JSON object in `text`, tolerating code fences and words around it; None if there is none."""
-    text = re.sub(r"```(?:json)?", "", text)
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text[match.start():])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
+def vlm_constraint(model, processor, cfg: Config, label_map: dict | None):
+    """The schema constraint for VLM answers, unless constrained_decoding is off."""
+    if cfg.model_type != "vlm" or not cfg.constrained_decoding or label_map is None:
+        return None
+    return SchemaConstraint(processor, model, label_map)
+
+
+def annotate_vlm(model, processor, examples: list[Example], answers: list[str], cfg: Config, system: str | None,
+                 label_map: dict) -> list[dict]:
+    """Per answer: the parsed JSON (its confidence replaced unless keep_model_confidence), field_confidence,
+    confidence, and each field's distribution over its allowed values."""
+    out = []
+    for e, answer in zip(examples, answers):
+        parsed = parse_json(answer)
+        dists = {}
+        if parsed is not None:
+            inputs = _encode_prompts(processor, [e], system)
+            dists = field_confidences(model, processor, inputs, answer, label_map)
+        out.append({"parsed": parsed, "distributions": dists,
+                    **with_confidence(parsed, dists, cfg.keep_model_confidence)})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,8 +242,10 @@ def run_batch(cfg: Config, examples: list[Example], output: Path, answer) -> dic
                 logger.error("stopped after %d of %d inputs; their predictions are in %s", done, len(examples),
                              partial)
                 raise
+            extra = answers.pop("_extra", None)  # per-row additions (VLM: confidences, the annotated JSON)
             for i, e in enumerate(part):
                 row = _prediction_row(cfg, e, {k: v[i] for k, v in answers.items()})
+                row.update(extra[i] if extra else {})
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             for k, v in answers.items():
@@ -295,15 +310,45 @@ def show_answer(cfg: Config, raw: str) -> str:
     return json.dumps(parsed, ensure_ascii=False, indent=2) if parsed is not None else raw
 
 
-def _answer_one(model, processor, cfg: Config, line: str, system: str | None) -> None:
+class Answerer:
+    """Answers for examples with one loaded model: VLM answers constrained to the label map's schema (unless
+    constrained_decoding is off) and annotated with field confidences from the model's probabilities."""
+
+    def __init__(self, model, processor, cfg: Config, system: str | None):
+        self.model, self.processor, self.cfg, self.system = model, processor, cfg, system
+        self.label_map = load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
+        self.constraint = vlm_constraint(model, processor, cfg, self.label_map)
+
+    def texts(self, examples: list[Example], **kw) -> list[str]:
+        return generate_batch(self.model, self.processor, examples, self.cfg, self.system,
+                              constraint=self.constraint, **kw)
+
+    def columns(self, examples: list[Example]) -> dict:
+        texts = self.texts(examples)
+        if self.label_map is None:
+            return {"prediction": texts}
+        notes = annotate_vlm(self.model, self.processor, examples, texts, self.cfg, self.system, self.label_map)
+        return {"prediction": texts, "_extra": [{"prediction": n["parsed"], "field_confidence": n["field_confidence"],
+                                                 "confidence": n["confidence"]} for n in notes]}
+
+
+def _answer_one(answerer: Answerer, line: str) -> None:
     from transformers import TextStreamer
 
+    cfg = answerer.cfg
     example = line_example(cfg, line)
     if example is None:
         return
     if example.image is not None:
-        print(show_answer(cfg, generate_batch(model, processor, [example], cfg, system)[0]), flush=True)
+        out = answerer.columns([example])
+        note = out["_extra"][0]
+        print(show_answer(cfg, json.dumps(note["prediction"], ensure_ascii=False) if note["prediction"] is not None
+                          else out["prediction"][0]), flush=True)
+        if note["field_confidence"]:
+            print("field confidence: " + ", ".join(f"{k} {v:.3f}" for k, v in note["field_confidence"].items()),
+                  flush=True)
         return
+    model, processor, system = answerer.model, answerer.processor, answerer.system
     tok = getattr(processor, "tokenizer", processor)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     generate_batch(model, processor, [example], cfg, system, streamer=streamer)
@@ -346,8 +391,9 @@ def run(cfg: Config) -> int:
     system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
     batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
+    answerer = Answerer(model, processor, cfg, system)
     if batch is not None:
-        run_batch(cfg, *batch, lambda part: {"prediction": generate_batch(model, processor, part, cfg, system)})
+        run_batch(cfg, *batch, answerer.columns)
         return 0
     label = "base model" if cfg.use_original_model else "fine-tuned model"
-    return repl(cfg, label, lambda line: _answer_one(model, processor, cfg, line, system))
+    return repl(cfg, label, lambda line: _answer_one(answerer, line))

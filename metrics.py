@@ -99,6 +99,59 @@ def field_metrics(parsed: list[dict | None], targets: list[dict], fields: list[s
     return out
 
 
+def calibration(distributions: list[dict], truths: list, predictions: list, n_bins: int = 10) -> dict:
+    """For one field: expected calibration error (equal-width bins over the predicted value's probability) and
+    the multi-class Brier score, from each sample's distribution {json value: p}, the true and the predicted
+    value."""
+    import json
+
+    conf, correct, brier = [], [], []
+    for dist, truth, pred in zip(distributions, truths, predictions):
+        if not dist:
+            continue
+        truth_key = json.dumps(truth, ensure_ascii=False)
+        chosen = json.dumps(pred, ensure_ascii=False)
+        if chosen not in dist:
+            continue
+        conf.append(dist[chosen])
+        correct.append(chosen == truth_key)
+        brier.append(sum((p - (v == truth_key)) ** 2 for v, p in dist.items()) + (0 if truth_key in dist else 1))
+    if not conf:
+        return {"n": 0}
+    bins = []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        idx = [i for i, c in enumerate(conf) if lo < c <= hi or (b == 0 and c == 0)]
+        if idx:
+            bins.append({"from": lo, "to": hi, "n": len(idx), "confidence": sum(conf[i] for i in idx) / len(idx),
+                         "accuracy": sum(correct[i] for i in idx) / len(idx)})
+    ece = sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / len(conf)
+    return {"n": len(conf), "ece": ece, "brier": sum(brier) / len(brier),
+            "mean_confidence": sum(conf) / len(conf), "accuracy": sum(correct) / len(correct), "bins": bins}
+
+
+def plot_reliability(calib: dict[str, dict], path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per field; the diagonal is perfect calibration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
+    for field, c in calib.items():
+        if c.get("bins"):
+            ax.plot([b["confidence"] for b in c["bins"]], [b["accuracy"] for b in c["bins"]], "o-",
+                    label=f"{field} (ECE {c['ece']:.3f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (probability of the chosen value)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    _save_figure(fig, path)
+
+
 def _save_figure(fig, path: Path) -> None:
     """Written under a temporary name and renamed: never a half-written PNG."""
     import matplotlib.pyplot as plt

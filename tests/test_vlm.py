@@ -10,7 +10,7 @@ from config import UserError, build_config
 from conftest import ROOT, run_cli, run_main, write_json
 from data_files import decode_code, label_code, load_label_map, stratified_split, target_json, vlm_split
 from data_processing import IGNORE_INDEX, Collator, Encoder
-from inference import parse_json
+from structured import parse_json
 
 DEMO = str(ROOT / "configs" / "demo_vlm.yaml")
 LABEL_MAP = ROOT / "data" / "vlm" / "label_map.json"
