@@ -106,6 +106,9 @@ def _vlm_results(model, processor, cfg: Config, examples, preds, system, label_m
     results["constrained_decoding"] = constraint is not None
     results["json_valid_rate"] = sum(p is not None for p in parsed) / n
     results["schema_valid_rate"] = sum(parse_and_check(p, label_map) is not None for p in preds) / n
+    if constraint is not None and results["schema_valid_rate"] < 1:
+        logger.warning("%d constrained answers stopped at max_new_tokens=%d before the JSON closed; raise "
+                       "max_new_tokens", round(n * (1 - results["schema_valid_rate"])), cfg.max_new_tokens)
     if cfg.report_unconstrained and constraint is not None:
         free = generate_batch(model, processor, examples, cfg, system, progress=True)
         results["json_valid_rate_unconstrained"] = sum(parse_json(p) is not None for p in free) / n

@@ -40,6 +40,8 @@ def label_schema(label_map: dict) -> dict:
     for key, value in label_map.get("defaults", {}).items():
         if key not in props:
             props[key] = {"type": _json_type(value)}
+            if isinstance(value, str):  # bounded, so an unsure model cannot write one string forever
+                props[key]["maxLength"] = max(16, 2 * len(value))
             required.append(key)
     return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
@@ -78,7 +80,10 @@ class SchemaConstraint:
         tok = getattr(processor, "tokenizer", processor)
         vocab = model.get_output_embeddings().weight.shape[0]
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab)
-        self.compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(label_schema(label_map)))
+        # The exact layout training targets have (json.dumps: ", " and ": ", keys in order, no free whitespace):
+        # free whitespace lets an unsure model pad forever and never close the object.
+        self.compiled = xgr.GrammarCompiler(info).compile_json_schema(
+            json.dumps(label_schema(label_map)), any_whitespace=False, separators=(", ", ": "))
         self._xgr = xgr
 
     def logits_processor(self):

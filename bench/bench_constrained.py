@@ -64,7 +64,8 @@ def main() -> int:
 
     start = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=model.config.vocab_size)
-    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema))
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                                             separators=(", ", ": "))
     setup = time.perf_counter() - start
     row = run("xgrammar", logits_processor=[xgr.contrib.hf.LogitsProcessor(compiled)])
     row["setup_seconds"] = round(setup, 3)
