@@ -17,12 +17,13 @@ import re
 import time
 from pathlib import Path
 
+import distributed
 from config import Config, UserError
 from data_files import load_examples, load_label_map, stratified_subset
 from data_processing import Encoder, build_dataset
 from inference import annotate_vlm, generate_batch, report_empty, vlm_constraint
 from metrics import (
-    answer_loss,
+    answer_loss_sums,
     calibration,
     field_metrics,
     perplexity,
@@ -48,16 +49,30 @@ def run(cfg: Config) -> int:
     if not examples:
         raise UserError("the validation set is empty; add samples (LLM: validation.json; VLM: more images)")
     label_map = load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
+    rank, size = distributed.world()  # under torchrun: each process takes every size-th sample
+    local = distributed.shard(examples, rank, size)
     reset_peak_memory()
     model, processor = load_for_inference(cfg)
     encoder = Encoder(processor, cfg)  # reads the system prompt once, for loss and generation
     started = time.time()
-    samples = build_dataset(encoder, examples, None, "validation")
-    loss = answer_loss(model, processor, samples, cfg.per_device_eval_batch_size)
+    samples = build_dataset(encoder, local, None, "validation") if local else []
+    loss_sum, tokens = distributed.total(list(answer_loss_sums(model, processor, samples,
+                                                               cfg.per_device_eval_batch_size)), size)
+    loss = loss_sum / tokens if tokens else float("nan")
     gen_start = time.time()
     constraint = vlm_constraint(model, processor, cfg, label_map)
-    preds = generate_batch(model, processor, examples, cfg, encoder.system, progress=True, constraint=constraint)
+    preds = generate_batch(model, processor, local, cfg, encoder.system, progress=True, constraint=constraint)
+    notes = free = None
+    if label_map is not None:
+        notes = distributed.gather(annotate_vlm(model, processor, local, preds, cfg, encoder.system, label_map),
+                                   rank, size)
+        if cfg.report_unconstrained and constraint is not None:
+            free = distributed.gather(generate_batch(model, processor, local, cfg, encoder.system, progress=True),
+                                      rank, size)
+    preds = distributed.gather(preds, rank, size)
     gen_seconds = time.time() - gen_start
+    if rank != 0:  # process 0 writes the results
+        return 0
     empty = report_empty(preds, cfg)
     results = {"model": cfg.model_name_or_path, "adapter": None if cfg.use_original_model else str(cfg.lora_dir),
                "num_samples": len(examples), "empty_predictions": empty, "eval_loss": loss,
@@ -66,7 +81,7 @@ def run(cfg: Config) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_original_model" if cfg.use_original_model else ""
     if label_map is not None:
-        rows = _vlm_results(model, processor, cfg, examples, preds, encoder.system, label_map, constraint, results)
+        rows = _vlm_results(cfg, examples, preds, notes, free, label_map, constraint, results)
         for name, m in results["fields"].items():
             plot_confusion(name, m, run_dir / f"confusion_{_safe(name)}{suffix}.png")
         plot_reliability(results["calibration"], run_dir / f"reliability{suffix}.png")
@@ -96,10 +111,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", name).strip(".") or "field"  # field names are the user's text
 
 
-def _vlm_results(model, processor, cfg: Config, examples, preds, system, label_map, constraint, results) -> list:
-    """json_valid_rate, exact match, per-field metrics, field confidences and their calibration; -> rows."""
+def _vlm_results(cfg: Config, examples, preds, notes, free, label_map, constraint, results) -> list:
+    """json_valid_rate, exact match, per-field metrics, field confidences and their calibration; -> rows.
+    `free`: the unconstrained answers, when asked for."""
     fields = [p["field"] for p in label_map["positions"]]
-    notes = annotate_vlm(model, processor, examples, preds, cfg, system, label_map)
     parsed = [n["parsed"] for n in notes]
     targets = [parse_json(e.target) for e in examples]
     n = len(parsed)
@@ -109,8 +124,7 @@ def _vlm_results(model, processor, cfg: Config, examples, preds, system, label_m
     if constraint is not None and results["schema_valid_rate"] < 1:
         logger.warning("%d constrained answers stopped at max_new_tokens=%d before the JSON closed; raise "
                        "max_new_tokens", round(n * (1 - results["schema_valid_rate"])), cfg.max_new_tokens)
-    if cfg.report_unconstrained and constraint is not None:
-        free = generate_batch(model, processor, examples, cfg, system, progress=True)
+    if free is not None:
         results["json_valid_rate_unconstrained"] = sum(parse_json(p) is not None for p in free) / n
         results["schema_valid_rate_unconstrained"] = sum(parse_and_check(p, label_map) is not None for p in free) / n
     results["exact_match"] = sum(

@@ -219,6 +219,12 @@ def answer_loss(model, processor, samples, batch_size: int, desc: str = "eval lo
 
     The one definition of validation loss: train_results.json and eval_results.json both use it.
     """
+    total, count = answer_loss_sums(model, processor, samples, batch_size, desc)
+    return total / count if count else float("nan")
+
+
+def answer_loss_sums(model, processor, samples, batch_size: int, desc: str = "eval loss") -> tuple[float, int]:
+    """(summed loss over answer tokens, number of answer tokens): adds up across processes."""
     collate = Collator(processor)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     was_training = model.training
@@ -234,7 +240,7 @@ def answer_loss(model, processor, samples, batch_size: int, desc: str = "eval lo
         total += float(model(**inputs).loss) * n
         count += n
     model.train(was_training)
-    return total / count if count else float("nan")
+    return total, count
 
 
 def perplexity(loss: float) -> float | None:

@@ -269,9 +269,22 @@ def _check_writable(run_dir: Path) -> None:
         raise UserError(f"cannot write to {run_dir}: {e.strerror or e}; choose another --output_dir") from None
 
 
+def _check_sharding(cfg: Config) -> None:
+    """4/8-bit bases train on one GPU or with DDP; FSDP and DeepSpeed shard 16-bit weights."""
+    sharded = [name for name, on in (
+        ("FSDP", os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or bool(cfg.trainer_args.get("fsdp"))),
+        ("DeepSpeed", os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+         or bool(cfg.trainer_args.get("deepspeed")))) if on]
+    if sharded and cfg.train_quantization_bit:
+        raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded[0]} is not supported "
+                        "here: 4/8-bit bases train on one GPU or with DDP (configs/accelerate/ddp.yaml). Set "
+                        "train_quantization_bit: null to shard a 16-bit model instead")
+
+
 def run(cfg: Config) -> int:
     _check_packing(cfg)
     _check_gpu_options(cfg)
+    _check_sharding(cfg)
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
     _check_writable(cfg.run_dir)
@@ -285,10 +298,15 @@ def run(cfg: Config) -> int:
 
 def _train(cfg: Config) -> int:
     resume = _resolve_resume(cfg)
-    examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
-    if not examples["train"]:
-        raise UserError("no training samples")
-    source = resolve_model(cfg)
+    # Built first: under torchrun/accelerate it joins the process group, so the main process can go first below.
+    args = _training_arguments(cfg)
+    # One writer for the shared files (split.json, a built/fetched/converted model): the main process makes them,
+    # the others wait and then read them.
+    with args.main_process_first(local=False, desc="data split and model files"):
+        examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
+        if not examples["train"]:
+            raise UserError("no training samples")
+        source = resolve_model(cfg)
     identity = _identity(cfg, source, examples["train"])
     if resume:
         _check_resume(resume, identity)
@@ -301,17 +319,18 @@ def _train(cfg: Config) -> int:
     cache = cfg.run_dir / "cache"
     train_examples, weights = balance(examples["train"], cfg)
     transform = augmentation(cfg)
-    train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples, cache,
-                             "train")
+    with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
+        train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples,
+                                 cache, "train")
+        eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") \
+            if examples["validation"] else None
     train_ds.weights = weights
-    eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") if examples["validation"] else None
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
     if eval_ds is not None and not len(eval_ds):
         logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
                        "(raise max_length to get one)", cfg.max_length)
         eval_ds = None
-    args = _training_arguments(cfg)
     if eval_ds is None:
         args.eval_strategy = "no"
     callbacks = [_ProgressLog(), _RecordIdentity(identity)]

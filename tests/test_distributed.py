@@ -1,0 +1,114 @@
+"""Several processes on one CPU machine (gloo): DDP training with torchrun, evaluate sharded across processes,
+and two "machines" (two launchers, one process each) joined over the loopback address."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+DEMO = str(ROOT / "configs" / "demo_llm.yaml")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _args(model, out, *extra):
+    return ["--config", DEMO, "--model_name_or_path", str(model), "--output_dir", str(out), "--device", "cpu",
+            "--num_train_epochs", "4", "--save_strategy", "epoch", "--save_total_limit", "1", *map(str, extra)]
+
+
+def _run(cmd, timeout=600):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_and_ddp(tmp_path_factory):
+    """The same global batch (4) as one process x 4 and as two processes x 2; the model folder is absent, so it is
+    built by the main process while the other waits."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    single = _args(tmp / "m1" / "tiny-qwen3", tmp / "single", "--per_device_train_batch_size", "4")
+    _run([sys.executable, str(ROOT / "main.py"), "--task", "train", *single])
+    ddp = _args(tmp / "m2" / "tiny-qwen3", tmp / "ddp", "--per_device_train_batch_size", "2")
+    proc = _run(TORCHRUN + ["--nproc_per_node", "2", "--master_port", str(_port()), str(ROOT / "main.py"),
+                            "--task", "train", *ddp])
+    return tmp, single, ddp, proc
+
+
+def test_ddp_trains_sharded_and_rank_zero_writes(single_and_ddp):
+    tmp, _, _, proc = single_and_ddp
+    one = json.loads((tmp / "single" / "tiny-qwen3" / "train_results.json").read_text())
+    two = json.loads((tmp / "ddp" / "tiny-qwen3" / "train_results.json").read_text())
+    assert one["global_step"] == two["global_step"] == 16        # 15 samples / global batch 4, 4 epochs
+    run_dir = tmp / "ddp" / "tiny-qwen3"
+    assert (run_dir / "lora_model" / "adapter_model.safetensors").is_file()
+    assert len(list((run_dir / "cache").glob("train-*.json"))) == 1  # tokenised once
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-16"]
+    assert proc.stderr.count("building the tiny random-initialised") == 1   # the model was built once
+    assert not (run_dir / ".lock").exists()
+
+
+def test_ddp_adapter_evaluates_like_the_single_process_one(single_and_ddp):
+    tmp, single, ddp, _ = single_and_ddp
+    results = {}
+    for name, args in (("single", single), ("ddp", ddp)):
+        _run([sys.executable, str(ROOT / "main.py"), "--task", "evaluate", *args])
+        results[name] = json.loads((tmp / name / "tiny-qwen3" / "eval_results.json").read_text())
+    # Same global batch, same steps; the data order differs, so the losses agree within a tolerance.
+    assert results["ddp"]["eval_loss"] == pytest.approx(results["single"]["eval_loss"], rel=0.05)
+
+
+def test_evaluate_sharded_across_processes_equals_one_process(single_and_ddp):
+    tmp, single, _, _ = single_and_ddp
+    out = tmp / "single" / "tiny-qwen3"
+    _run([sys.executable, str(ROOT / "main.py"), "--task", "evaluate", *single])
+    one = json.loads((out / "eval_results.json").read_text())
+    one_rows = (out / "eval_predictions.jsonl").read_text(encoding="utf-8")
+    _run(TORCHRUN + ["--nproc_per_node", "2", "--master_port", str(_port()), str(ROOT / "main.py"),
+                     "--task", "evaluate", *single])
+    two = json.loads((out / "eval_results.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == 5
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
+    assert two["exact_match"] == one["exact_match"] and two["rouge_l"] == pytest.approx(one["rouge_l"])
+    assert (out / "eval_predictions.jsonl").read_text(encoding="utf-8") == one_rows   # same rows, same order
+
+
+def test_two_machines_on_loopback(tmp_path, models):
+    port = _port()
+    args = _args(models("qwen3"), tmp_path / "out", "--per_device_train_batch_size", "2", "--num_train_epochs", "1")
+    procs = [subprocess.Popen(TORCHRUN + ["--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                                          "--master_addr", "127.0.0.1", "--master_port", str(port),
+                                          str(ROOT / "main.py"), "--task", "train", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    run_dir = tmp_path / "out" / "tiny-qwen3"
+    assert (run_dir / "lora_model" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "train_results.json").read_text())["global_step"] == 4   # 15 / (2 x 2)
+
+
+def test_quantized_base_with_sharding_is_refused(models, tmp_path, capsys, monkeypatch):
+    from conftest import run_main
+
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path,
+            "--train_quantization_bit", "4"]
+    assert run_main("--task", "train", *args, "--fsdp", "full_shard") == 2
+    assert "train_quantization_bit: 4 with FSDP is not supported" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")               # what accelerate launch sets
+    assert run_main("--task", "train", *args) == 2
+    assert "with DeepSpeed is not supported" in capsys.readouterr().err
