@@ -275,6 +275,9 @@ def _check_sharding(cfg: Config) -> None:
         ("FSDP", os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or bool(cfg.trainer_args.get("fsdp"))),
         ("DeepSpeed", os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
          or bool(cfg.trainer_args.get("deepspeed")))) if on]
+    if sharded and not torch.cuda.is_available():  # accelerate would quietly fall back to plain DDP
+        raise UserError(f"{sharded[0]} needs CUDA GPUs; on a CPU drop it and run DDP (torchrun --nproc_per_node N "
+                        "main.py --task train)")
     if sharded and cfg.train_quantization_bit:
         raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded[0]} is not supported "
                         "here: 4/8-bit bases train on one GPU or with DDP (configs/accelerate/ddp.yaml). Set "

@@ -102,13 +102,18 @@ def test_two_machines_on_loopback(tmp_path, models):
     assert json.loads((run_dir / "train_results.json").read_text())["global_step"] == 4   # 15 / (2 x 2)
 
 
-def test_quantized_base_with_sharding_is_refused(models, tmp_path, capsys, monkeypatch):
+def test_sharding_refusals(models, tmp_path, capsys, monkeypatch):
+    import torch
+
     from conftest import run_main
 
-    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path,
-            "--train_quantization_bit", "4"]
+    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path]
+    # On a CPU, accelerate would silently run plain DDP instead of FSDP: refused, saying what to run.
     assert run_main("--task", "train", *args, "--fsdp", "full_shard") == 2
+    assert "FSDP needs CUDA GPUs" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)        # as on a GPU machine
+    assert run_main("--task", "train", *args, "--train_quantization_bit", "4", "--fsdp", "full_shard") == 2
     assert "train_quantization_bit: 4 with FSDP is not supported" in capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")               # what accelerate launch sets
-    assert run_main("--task", "train", *args) == 2
+    assert run_main("--task", "train", *args, "--train_quantization_bit", "8") == 2
     assert "with DeepSpeed is not supported" in capsys.readouterr().err
