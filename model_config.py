@@ -151,10 +151,14 @@ def _fp8_config(source: str, device: torch.device):
     return FineGrainedFP8Config(dequantize=True, **keep)
 
 
-def _refused_pickle(where, e: Exception) -> str:
-    return (f"refused to load {where}: a .bin/.pt file there holds pickled Python objects that safe "
-            f"(weights_only) loading does not allow ({str(e).strip().splitlines()[0][:160]}). Use safetensors "
-            "files, or files from a source you trust converted to safetensors")
+def refused_pickle(where, e: Exception) -> str:
+    """The message for a pickle file that torch's weights_only loading refused, naming the candidate files."""
+    folder = Path(where)
+    files = sorted(str(p) for ext in ("*.bin", "*.pt", "*.pth", "*.pkl") for p in folder.glob(ext)) \
+        if folder.is_dir() else [str(folder)]
+    return (f"refused to load {', '.join(files) or folder}: pickled Python objects that safe (weights_only) "
+            f"loading does not allow ({str(e).strip().splitlines()[0][:160]}). Use safetensors files, or files "
+            "from a source you trust converted to safetensors")
 
 
 def _check_attention(cfg: Config) -> None:
@@ -187,7 +191,7 @@ def load_base(cfg: Config, purpose: str):
         processor = _load_processor(cfg, source, purpose)
         model = auto_class.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError as e:
-        raise UserError(_refused_pickle(source, e)) from None
+        raise UserError(refused_pickle(source, e)) from None
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not load model {cfg.model_name_or_path}: {first} Without network, download the "
@@ -405,7 +409,7 @@ def load_adapter(model, cfg: Config):
     try:
         model = PeftModel.from_pretrained(model, str(lora_dir), is_trainable=False)
     except pickle.UnpicklingError as e:
-        raise UserError(_refused_pickle(lora_dir, e)) from None
+        raise UserError(refused_pickle(lora_dir, e)) from None
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"the adapter in {lora_dir} does not fit {cfg.model_name_or_path}: {str(e)[:300]}") from None
     logger.info("loaded LoRA adapter from %s", lora_dir)

@@ -31,6 +31,7 @@ from model_config import (
     attach_lora,
     check_adapter_owner,
     load_base,
+    refused_pickle,
     resolve_device,
     resolve_dtype,
     save_training_settings,
@@ -355,9 +356,8 @@ def _train(cfg: Config) -> int:
             _write_identity(cfg.run_dir / f"checkpoint-{trainer.state.global_step}", identity)
         raise
     except pickle.UnpicklingError as e:
-        raise UserError(f"refused to load a file of {resume}: it holds pickled Python objects that safe "
-                        f"(weights_only) loading does not allow ({str(e).splitlines()[0][:200]}). Only resume "
-                        "checkpoints you wrote yourself; start fresh without --resume_from_checkpoint") from None
+        raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
+                        "without --resume_from_checkpoint") from None
     trainer.save_state()  # trainer_state.json in the run folder
     if trainer.is_world_process_zero():
         _save_adapter(trainer.model, processor, cfg)

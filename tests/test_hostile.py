@@ -430,4 +430,22 @@ def test_pickled_code_in_an_adapter_is_refused_by_name(models, tmp_path, capsys)
     (lora / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
     assert run_main("--task", "evaluate", *args) == 2
     err = capsys.readouterr().err
-    assert f"refused to load {lora}" in err and "weights_only" in err and "pwned" not in err
+    assert f"refused to load {lora / 'adapter_model.bin'}" in err and "weights_only" in err and "pwned" not in err
+
+
+def test_pickled_code_in_a_model_folder_or_checkpoint_is_refused_by_name(models, tmp_path, capsys):
+    model = tmp_path / "evil-model"
+    shutil.copytree(models("qwen3"), model)
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    assert run_main("--task", "evaluate", "--config", DEMO, "--model_name_or_path", model, "--output_dir",
+                    tmp_path / "o", "--use_original_model") == 2
+    err = capsys.readouterr().err
+    assert f"refused to load {model / 'pytorch_model.bin'}" in err and "Traceback" not in err
+    args = _args(models("qwen3"), tmp_path, save_strategy="epoch")
+    assert run_main("--task", "train", *args) == 0
+    ckpt = next((tmp_path / "out" / "tiny-qwen3").glob("checkpoint-*"))
+    (ckpt / "rng_state.pth").write_bytes(pickle.dumps({"x": _Evil()}))
+    assert run_main("--task", "train", *args, "--resume_from_checkpoint", "auto", "--num_train_epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "refused to load" in err and "rng_state.pth" in err and "pwned" not in err and "Traceback" not in err
