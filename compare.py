@@ -15,7 +15,7 @@ import logging
 
 from config import Config, UserError
 from data_files import system_prompt
-from inference import Answerer, line_example, prepare_batch, repl, run_batch, show_answer
+from inference import Answerer, line_example, prepare_batch, repl, run_batch, show_answer, vlm_label_map
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
 
@@ -34,9 +34,10 @@ def run(cfg: Config) -> int:
         raise UserError("--task compare runs the base and the fine-tuned model together; drop --use_original_model")
     adopt_training_settings(cfg)
     system = system_prompt(cfg)
+    label_map = vlm_label_map(cfg)
     batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
-    answerer = Answerer(model, processor, cfg, system)  # VLM: both answers constrained to the label map
+    answerer = Answerer(model, processor, cfg, system, label_map)  # VLM: both answers constrained to the label map
     if batch is not None:
         examples, _ = batch
         columns = run_batch(cfg, *batch, lambda part: both_answers(answerer, part))

@@ -100,6 +100,11 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
     return answers
 
 
+def vlm_label_map(cfg: Config) -> dict | None:
+    """The label map a VLM answers in (read before the model loads, so a bad file costs nothing)."""
+    return load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
+
+
 def vlm_constraint(model, processor, cfg: Config, label_map: dict | None):
     """The schema constraint for VLM answers, unless constrained_decoding is off."""
     if cfg.model_type != "vlm" or not cfg.constrained_decoding or label_map is None:
@@ -314,9 +319,9 @@ class Answerer:
     """Answers for examples with one loaded model: VLM answers constrained to the label map's schema (unless
     constrained_decoding is off) and annotated with field confidences from the model's probabilities."""
 
-    def __init__(self, model, processor, cfg: Config, system: str | None):
+    def __init__(self, model, processor, cfg: Config, system: str | None, label_map: dict | None):
         self.model, self.processor, self.cfg, self.system = model, processor, cfg, system
-        self.label_map = load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
+        self.label_map = label_map
         self.constraint = vlm_constraint(model, processor, cfg, self.label_map)
 
     def texts(self, examples: list[Example], **kw) -> list[str]:
@@ -389,9 +394,10 @@ def repl(cfg: Config, label: str, answer, stream=None) -> int:
 def run(cfg: Config) -> int:
     adopt_training_settings(cfg)
     system = system_prompt(cfg)  # read once; a missing prompt file is reported before the model loads
+    label_map = vlm_label_map(cfg)
     batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
-    answerer = Answerer(model, processor, cfg, system)
+    answerer = Answerer(model, processor, cfg, system, label_map)
     if batch is not None:
         run_batch(cfg, *batch, answerer.columns)
         return 0

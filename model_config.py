@@ -340,17 +340,26 @@ def _same_model(a: str, b: str) -> bool:
 
 # Settings that change what the model sees; evaluate/inference take them from the adapter unless given as flags.
 TRAINED_SETTINGS = ("system_prompt", "max_length", "instruction", "image_min_pixels", "image_max_pixels")
-SAVED_PROMPT = "prompt.json"  # the VLM prompt file's text as trained, beside the adapter
+# VLM files whose contents the adapter was trained with, copied beside it: config key -> file name.
+SAVED_FILES = {"prompt_file": "prompt.json", "label_map_file": "label_map.json"}
+
+
+def _file_contents(key: str, path: Path):
+    from data_files import load_label_map, load_prompt
+
+    return load_prompt(path) if key == "prompt_file" else load_label_map(path)
 
 
 def save_training_settings(cfg: Config, folder: Path) -> None:
-    """run_config.yaml (the resolved config) and, for VLMs, the prompt text the adapter was trained with."""
+    """run_config.yaml (the resolved config) and, for VLMs, the prompt and label map the adapter was trained with."""
     cfg.save(folder / "run_config.yaml")
     if cfg.model_type == "vlm":
-        from data_files import load_prompt
-
-        text = load_prompt(Path(cfg.prompt_file))
-        (folder / SAVED_PROMPT).write_text(json.dumps({"system_prompt": text}, ensure_ascii=False), encoding="utf-8")
+        prompt = _file_contents("prompt_file", Path(cfg.prompt_file))
+        (folder / SAVED_FILES["prompt_file"]).write_text(json.dumps({"system_prompt": prompt}, ensure_ascii=False),
+                                                         encoding="utf-8")
+        label_map = _file_contents("label_map_file", Path(cfg.label_map_file))
+        (folder / SAVED_FILES["label_map_file"]).write_text(json.dumps(label_map, ensure_ascii=False, indent=1),
+                                                            encoding="utf-8")
 
 
 def adopt_training_settings(cfg: Config) -> None:
@@ -380,16 +389,16 @@ def adopt_training_settings(cfg: Config) -> None:
         logger.warning("`%s`: the configuration says %r but the adapter was trained with %r; using the trained "
                        "value (pass --%s to override)", key, getattr(cfg, key), saved[key], key)
         setattr(cfg, key, saved[key])
-    prompt_copy = cfg.lora_dir / SAVED_PROMPT
-    if cfg.model_type == "vlm" and prompt_copy.is_file() and "prompt_file" not in cli:
-        from data_files import load_prompt
-
-        trained = load_prompt(prompt_copy)
-        current = load_prompt(Path(cfg.prompt_file)) if Path(cfg.prompt_file).is_file() else None
-        if current != trained:
-            logger.warning("the prompt in %s differs from the one the adapter was trained with; using the trained "
-                           "prompt (%s; pass --prompt_file to override)", cfg.prompt_file, prompt_copy)
-            cfg.prompt_file = str(prompt_copy)
+    for key, name in SAVED_FILES.items() if cfg.model_type == "vlm" else ():
+        copy = cfg.lora_dir / name
+        if not copy.is_file() or key in cli:
+            continue
+        current_path = Path(getattr(cfg, key))
+        current = _file_contents(key, current_path) if current_path.is_file() else None
+        if current != _file_contents(key, copy):
+            logger.warning("%s differs from (or lacks) the file the adapter was trained with; using the trained "
+                           "copy %s (pass --%s to override)", current_path, copy, key)
+            setattr(cfg, key, str(copy))
 
 
 def require_adapter(cfg: Config) -> None:

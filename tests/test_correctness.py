@@ -103,3 +103,28 @@ def test_evaluate_uses_the_trained_settings(models, tmp_path, caplog, on_cli):
     assert "`system_prompt`" in caplog.text and "trained prompt" in caplog.text
     assert cfg.system_prompt == ("cli prompt" if on_cli else "trained prompt")
     assert "max_length" not in caplog.text  # equal values: no warning
+
+
+def test_vlm_inference_uses_the_trained_prompt_and_label_map(tmp_path, caplog):
+    import json
+
+    from model_config import adopt_training_settings, save_training_settings
+
+    trained_map = {"positions": [{"field": "leak", "map": {"0": "no", "1": "yes"}}], "defaults": {}}
+    (tmp_path / "lm.json").write_text(json.dumps(trained_map), encoding="utf-8")
+    (tmp_path / "prompt.txt").write_text("Inspect the pipe.", encoding="utf-8")
+    base = {"model_type": "vlm", "output_dir": str(tmp_path / "o"), "model_name_or_path": str(tmp_path / "m")}
+    cfg = build_config({**base, "label_map_file": str(tmp_path / "lm.json"),
+                        "prompt_file": str(tmp_path / "prompt.txt")}, "t")
+    cfg.lora_dir.mkdir(parents=True)
+    save_training_settings(cfg, cfg.lora_dir)
+    # Later: the label map file is gone and the prompt was edited.
+    (tmp_path / "lm.json").unlink()
+    (tmp_path / "prompt.txt").write_text("Something else.", encoding="utf-8")
+    later = build_config({**base, "label_map_file": str(tmp_path / "lm.json"),
+                          "prompt_file": str(tmp_path / "prompt.txt")}, "t")
+    with caplog.at_level(logging.WARNING):
+        adopt_training_settings(later)
+    assert later.label_map_file == str(later.lora_dir / "label_map.json")
+    assert later.prompt_file == str(later.lora_dir / "prompt.json")
+    assert "differs from (or lacks) the file the adapter was trained with" in caplog.text
