@@ -109,6 +109,8 @@ class Config:
     seed: int = _f(42, "random seed (initialisation, shuffling, the VLM split)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     group_by_length: bool = _f(True, "batch samples of similar length together (less padding)")
+    answer_only_logits: bool = _f(True, "run the output layer only where the loss needs it (answer positions): same "
+                                  "loss, less time and memory on long prompts and large vocabularies")
     packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
     use_liger_kernel: bool = _f(False, "use Liger kernels (GPU, package liger-kernel)")
     torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")

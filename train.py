@@ -25,7 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_files import load_examples
-from data_processing import Collator, Encoder, build_dataset
+from data_processing import IGNORE_INDEX, Collator, Encoder, build_dataset
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
     attach_lora,
@@ -54,9 +54,43 @@ class _NonFiniteLoss(UserError):
     pass
 
 
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
+    """The causal-LM loss with the output layer run only where it is needed: at positions whose next token is an
+    answer token in some row of the batch. Prompt positions' logits (most of a long prompt, all of the image
+    tokens) are never computed. Equal to the full computation: the model's own loss function, on the same
+    targets, with the same reduction. -> (loss, outputs)"""
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:  # nothing to learn in this batch: the ordinary path
+        outputs = model(**inputs)
+        return outputs.loss, outputs
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)
+    loss = base.loss_function(logits=outputs.logits, labels=None, vocab_size=outputs.logits.shape[-1],
+                              num_items_in_batch=num_items_in_batch, shift_labels=targets[:, keep].contiguous())
+    return loss, outputs
+
+
 class _LoraTrainer(Trainer):
-    """Trainer with two additions: length grouping from lengths we already know (no re-encoding of
-    images to measure them), and a stop at the first non-finite loss, before it reaches a checkpoint."""
+    """Trainer with three additions: the output layer only where the answer is (answer_only_logits), length
+    grouping from lengths we already know (no re-encoding of images to measure them), and a stop at the first
+    non-finite loss, before it reaches a checkpoint."""
+
+    answer_only = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.answer_only or "labels" not in inputs or self.label_smoother is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The same normalisation Trainer.compute_loss applies to the model's own loss (tokens over the whole
+        # accumulated batch when the model takes num_items_in_batch; scaled back up across processes).
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss, outputs = answer_only_loss(model, inputs, num_items_in_batch if scaled else None)
+        if self.args.average_tokens_across_devices and scaled:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -343,6 +377,7 @@ def _train(cfg: Config) -> int:
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=_make_collator(processor, cfg),
                           processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
+    trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
         logger.info("resuming from %s (global step %s)", resume, step)
