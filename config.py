@@ -305,7 +305,17 @@ def _check_trainer_args(passthrough: dict[str, Any]) -> list[str]:
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)}: {first}"]
-    return []
+    # The Trainer checks the trackers' packages only after the model has loaded: check them now.
+    import importlib.util
+
+    wanted = passthrough.get("report_to", [])
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
+                "swanlab": ("swanlab",), "trackio": ("trackio",)}
+    return [f"`report_to` {name} needs the {packages[name][0]} package: pip install {packages[name][0]}"
+            for name in wanted if name in packages
+            and not any(importlib.util.find_spec(p) for p in packages[name])]
 
 
 def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:

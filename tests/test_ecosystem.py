@@ -129,6 +129,8 @@ def test_trainer_options_pass_through_and_are_validated(models, tmp_path, capsys
     assert "TrainingArguments rejected `optim`" in err and "nonsense is not a valid" in err
     assert run_main("--task", "train", *args, "--optimm", "sgd") == 2
     assert "unknown flag --optimm" in capsys.readouterr().err
+    assert run_main("--task", "train", *args, "--report_to", "wandb") == 2          # checked before the model loads
+    assert "`report_to` wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
 
 
 def test_early_stopping_keeps_the_best_checkpoint(models, tmp_path, capsys):
