@@ -2,6 +2,9 @@
 
     python bench/bench_train.py                 all rows (about 4 minutes on 2 CPU cores), table to stdout
     python bench/bench_train.py --json out.json also write the raw numbers
+    python bench/bench_train.py --real ./models/SmolLM2-135M-Instruct --rows ours,plain,trl
+                                                the same rows on the real SmolLM2 (30 layers, vocabulary 49,152)
+                                                and the demo's order messages (data/demo), 1 epoch, max_length 256
 
 Rows, each in its own process so that peak memory is its own:
   ours   python main.py --task train (dynamic padding, length grouping, answer-only loss)
@@ -32,6 +35,12 @@ EPOCHS, BATCH, LR, MAX_LEN, R = 2, 4, 2e-4, 512, 8
 SENTENCES = ["保持规律的作息很重要。", "每天适量运动可以改善睡眠。", "饮食要均衡，多吃蔬菜和水果。",
              "工作时每隔一小时起来活动一下。", "和家人朋友保持联系能减轻压力。", "睡前少看手机，让大脑放松。",
              "Drink water regularly during the day.", "Plan tomorrow's tasks before you go to bed."]
+
+
+def _use_real_settings() -> None:
+    """Real-model rows: one epoch at max_length 256 keeps the three rows within minutes on 2 CPU cores."""
+    global EPOCHS, MAX_LEN
+    EPOCHS, MAX_LEN = 1, 256
 
 
 def make_data(folder: Path, n: int = 80, seed: int = 0) -> Path:
@@ -201,14 +210,26 @@ def main(argv=None) -> int:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--rows", default="ours,plain,trl,generation,vlm")
+    p.add_argument("--real", help="a real model folder (e.g. ./models/SmolLM2-135M-Instruct): real-shape rows")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.real or os.environ.get("BENCH_REAL"):
+        _use_real_settings()
     if args.one:
         one(args.one, Path(args.model), Path(args.data), Path(args.out))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    data = make_data(tmp / "data")
-    model = make_model(tmp / "bench-qwen3", data)
+    if args.real:
+        os.environ["BENCH_REAL"] = "1"  # the row processes use the same settings
+        data = tmp / "data"
+        data.mkdir()
+        rows = json.loads((ROOT / "data/demo/train.json").read_text(encoding="utf-8"))
+        (data / "train.json").write_text(json.dumps(rows), encoding="utf-8")
+        (data / "validation.json").write_text(json.dumps(rows[:8]), encoding="utf-8")
+        model = Path(args.real).resolve()
+    else:
+        data = make_data(tmp / "data")
+        model = make_model(tmp / "bench-qwen3", data)
     tokens = real_tokens(model, data) * EPOCHS
     results = {}
     for name in args.rows.split(","):
@@ -225,7 +246,7 @@ def main(argv=None) -> int:
         if name in ("ours", "plain", "trl"):
             results[name]["tokens_per_second"] = tokens / results[name]["train_seconds"]
         print(f"{name}: {results[name]}", file=sys.stderr)
-    print(f"\nreal training tokens (2 epochs): {tokens}\n")
+    print(f"\nreal training tokens ({EPOCHS} epochs): {tokens}\n")
     print("| row | process wall s | train s | real tokens/s | peak RSS MB | train loss |")
     print("|---|---|---|---|---|---|")
     for name in ("ours", "plain", "trl"):
