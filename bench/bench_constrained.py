@@ -2,6 +2,7 @@
 libraries, on the real SmolLM2-135M-Instruct (vocabulary 49,152) with the schema derived from a label map.
 
     python bench/bench_constrained.py [--model ./models/SmolLM2-135M-Instruct] [--batch 8] [--tokens 48]
+    (the llguidance and lm-format-enforcer rows need: pip install llguidance lm-format-enforcer)
 
 Writes bench/results_constrained.json. BENCHMARKS.md quotes it.
 """
@@ -70,38 +71,41 @@ def main() -> int:
     row = run("xgrammar", logits_processor=[xgr.contrib.hf.LogitsProcessor(compiled)])
     row["setup_seconds"] = round(setup, 3)
     rows.append(row)
-    import llguidance
-    import llguidance.hf
-    import llguidance.torch as llt
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch as llt
 
-    class Guidance:  # llguidance ships no transformers LogitsProcessor: the documented matcher loop
-        def __init__(self):
-            self.lltok = llguidance.hf.from_tokenizer(tok)
-            self.grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
-            self.matchers, self.start = None, None
+        class Guidance:  # llguidance ships no transformers LogitsProcessor: the documented matcher loop
+            def __init__(self):
+                self.lltok = llguidance.hf.from_tokenizer(tok)
+                self.grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+                self.matchers, self.start = None, None
 
-        def __call__(self, input_ids, scores):
-            if self.matchers is None:
-                self.matchers = [llguidance.LLMatcher(self.lltok, self.grammar) for _ in range(len(input_ids))]
-                self.start = input_ids.shape[1]
-            elif input_ids.shape[1] > self.start:
-                for m, t in zip(self.matchers, input_ids[:, -1].tolist()):
-                    if not m.is_stopped():
-                        m.consume_token(t)
-            mask = llt.allocate_token_bitmask(len(input_ids), self.lltok.vocab_size)
-            for i, m in enumerate(self.matchers):
-                llt.fill_next_token_bitmask(m, mask, i)
-            llt.apply_token_bitmask_inplace(scores[:, :self.lltok.vocab_size], mask)
-            if scores.shape[1] > self.lltok.vocab_size:
-                scores[:, self.lltok.vocab_size:] = -float("inf")
-            return scores
+            def __call__(self, input_ids, scores):
+                if self.matchers is None:
+                    self.matchers = [llguidance.LLMatcher(self.lltok, self.grammar) for _ in range(len(input_ids))]
+                    self.start = input_ids.shape[1]
+                elif input_ids.shape[1] > self.start:
+                    for m, t in zip(self.matchers, input_ids[:, -1].tolist()):
+                        if not m.is_stopped():
+                            m.consume_token(t)
+                mask = llt.allocate_token_bitmask(len(input_ids), self.lltok.vocab_size)
+                for i, m in enumerate(self.matchers):
+                    llt.fill_next_token_bitmask(m, mask, i)
+                llt.apply_token_bitmask_inplace(scores[:, :self.lltok.vocab_size], mask)
+                if scores.shape[1] > self.lltok.vocab_size:
+                    scores[:, self.lltok.vocab_size:] = -float("inf")
+                return scores
 
-    start = time.perf_counter()
-    guidance = Guidance()
-    setup = time.perf_counter() - start
-    row = run("llguidance", logits_processor=[guidance])
-    row["setup_seconds"] = round(setup, 3)
-    rows.append(row)
+        start = time.perf_counter()
+        guidance = Guidance()
+        setup = time.perf_counter() - start
+        row = run("llguidance", logits_processor=[guidance])
+        row["setup_seconds"] = round(setup, 3)
+        rows.append(row)
+    except ImportError as e:  # optional: pip install llguidance
+        rows.append({"name": "llguidance", "error": f"ImportError: {e}"})
     try:
         from lmformatenforcer import JsonSchemaParser
         from lmformatenforcer.integrations.transformers import build_transformers_prefix_allowed_tokens_fn
