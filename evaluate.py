@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from pathlib import Path
 
 import distributed
 from config import Config, UserError
-from data_files import load_examples, load_label_map, stratified_subset
+from data_files import load_examples, stratified_subset
 from data_processing import Encoder, build_dataset
-from inference import annotate_vlm, generate_batch, report_empty, vlm_constraint
+from inference import annotate_vlm, generate_batch, report_empty, vlm_constraint, vlm_label_map
 from metrics import (
     answer_loss_sums,
     calibration,
@@ -48,7 +47,7 @@ def run(cfg: Config) -> int:
             else examples[:cfg.max_eval_samples]
     if not examples:
         raise UserError("the validation set is empty; add samples (LLM: validation.json; VLM: more images)")
-    label_map = load_label_map(Path(cfg.label_map_file)) if cfg.model_type == "vlm" else None
+    label_map = vlm_label_map(cfg)  # read before the model loads
     rank, size = distributed.world()  # under torchrun: each process takes every size-th sample
     local = distributed.shard(examples, rank, size)
     reset_peak_memory()
