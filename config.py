@@ -111,6 +111,9 @@ class Config:
     group_by_length: bool = _f(True, "batch samples of similar length together (less padding)")
     answer_only_logits: bool = _f(True, "run the output layer only where the loss needs it (answer positions): same "
                                   "loss, less time and memory on long prompts and large vocabularies")
+    fused_loss: str = _f("auto", "with answer_only_logits, compute the training loss without materialising the "
+                         "logits: auto (liger on a CUDA GPU when liger-kernel is installed, else torch), torch, "
+                         "liger or off", ("auto", "torch", "liger", "off"))
     packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
     use_liger_kernel: bool = _f(False, "use Liger kernels (GPU, package liger-kernel)")
     torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")

@@ -25,7 +25,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_files import load_examples
-from data_processing import IGNORE_INDEX, Collator, Encoder, build_dataset
+from data_processing import Collator, Encoder, build_dataset
+from losses import answer_only_loss, fused_answer_loss, fused_loss_backend
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
     attach_lora,
@@ -54,31 +55,13 @@ class _NonFiniteLoss(UserError):
     pass
 
 
-def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
-    """The causal-LM loss with the output layer run only where it is needed: at positions whose next token is an
-    answer token in some row of the batch. Prompt positions' logits (most of a long prompt, all of the image
-    tokens) are never computed. Equal to the full computation: the model's own loss function, on the same
-    targets, with the same reduction. -> (loss, outputs)"""
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0:  # nothing to learn in this batch: the ordinary path
-        outputs = model(**inputs)
-        return outputs.loss, outputs
-    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base = getattr(base, "module", base)
-    loss = base.loss_function(logits=outputs.logits, labels=None, vocab_size=outputs.logits.shape[-1],
-                              num_items_in_batch=num_items_in_batch, shift_labels=targets[:, keep].contiguous())
-    return loss, outputs
-
-
 class _LoraTrainer(Trainer):
     """Trainer with three additions: the output layer only where the answer is (answer_only_logits), length
     grouping from lengths we already know (no re-encoding of images to measure them), and a stop at the first
     non-finite loss, before it reaches a checkpoint."""
 
     answer_only = True
+    fused = None  # "torch" / "liger": fused linear cross-entropy in training steps (losses.py)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.answer_only or "labels" not in inputs or self.label_smoother is not None:
@@ -86,7 +69,11 @@ class _LoraTrainer(Trainer):
         # The same normalisation Trainer.compute_loss applies to the model's own loss (tokens over the whole
         # accumulated batch when the model takes num_items_in_batch; scaled back up across processes).
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        loss, outputs = answer_only_loss(model, inputs, num_items_in_batch if scaled else None)
+        count = num_items_in_batch if scaled else None
+        if self.fused and model.training and not return_outputs:  # evaluation keeps its logits
+            loss, outputs = fused_answer_loss(model, inputs, self.fused, count)
+        else:
+            loss, outputs = answer_only_loss(model, inputs, count)
         if self.args.average_tokens_across_devices and scaled:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
                            else self.args.n_gpu)
@@ -378,6 +365,11 @@ def _train(cfg: Config) -> int:
                           data_collator=_make_collator(processor, cfg),
                           processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
     trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
+    if trainer.answer_only:
+        trainer.fused = fused_loss_backend(model, cfg.fused_loss, trainer.is_fsdp_enabled or
+                                           trainer.is_deepspeed_enabled)
+        logger.info("loss: answer-only %s", f"fused linear cross-entropy ({trainer.fused})" if trainer.fused
+                    else "logits")
     if resume:
         step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
         logger.info("resuming from %s (global step %s)", resume, step)

@@ -21,6 +21,9 @@ sys.path.insert(0, str(ROOT))
 PRESETS = {
     ("qwen3", "mid"): dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=8,
                            num_key_value_heads=4, head_dim=128, vocab_size=32000),
+    # Qwen3's 151,936-token vocabulary on a small body: the output layer's share of a real model, on a CPU.
+    ("qwen3", "vocab"): dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=64, vocab_size=151936),
     ("qwen3", "full"): dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                             num_key_value_heads=8, head_dim=128, vocab_size=151936),
     ("qwen3_vl", "mid"): dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=8,
@@ -84,14 +87,19 @@ def count_params(model) -> tuple[int, int]:
 
 
 def measure(model_path: Path, arch: str, precision: str, device: str, grid: list[tuple[int, int]],
-            steps: int = 5, lora_r: int = 16, image_side: int = 448) -> list[dict]:
+            steps: int = 5, lora_r: int = 16, image_side: int = 448, loss: str = "full", answer_share: float = 0.5,
+            checkpointing: bool = True) -> list[dict]:
     """Load through model_config.load_base (as `python main.py --task train` does), attach LoRA on all linear
-    layers, and time `steps` optimizer steps per (batch, length) with random tokens."""
+    layers, and time `steps` optimizer steps per (batch, length) with random tokens.
+    loss: full (labels on every token, the model's own loss), masked (labels on the last answer_share of each
+    sequence, the model's own loss over all logits), answer (the same labels, answer-only logits) or fused (the
+    same labels, fused linear cross-entropy: liger on a GPU when installed, else torch)."""
     import psutil
     import torch
     import transformers  # noqa: F401 - imported before the baseline so that libraries do not count
 
     from config import build_config
+    from losses import answer_only_loss, fused_answer_loss, fused_loss_backend
     from model_config import attach_lora, load_base
     from outputs import peak_memory_mb
 
@@ -105,7 +113,7 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
     dtype = {"fp32": "float32", "fp16": "float16"}.get(precision, "bfloat16")  # 8/4-bit compute in bf16
     cfg = build_config(dict(model_name_or_path=str(model_path), model_type="vlm" if arch == "qwen3_vl" else "llm",
                             device=device, dtype=dtype, train_quantization_bit=bits, lora_r=lora_r,
-                            lora_alpha=2 * lora_r, target_modules=["all-linear"], gradient_checkpointing=True,
+                            lora_alpha=2 * lora_r, target_modules=["all-linear"], gradient_checkpointing=checkpointing,
                             image_min_pixels=image_side ** 2, image_max_pixels=image_side ** 2), "bench")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -137,6 +145,9 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
                 types = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, max(pad, 0)))
                 inputs["mm_token_type_ids"] = types.to(dev)
         inputs["labels"] = inputs["input_ids"].clone()
+        if loss != "full":
+            inputs["labels"][:, : int(length * (1 - answer_share))] = -100
+        fused = fused_loss_backend(model, "auto", sharded=False) if loss == "fused" else None
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -146,8 +157,13 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 with autocast:
-                    loss = model(**inputs).loss
-                loss.backward()
+                    if loss in ("full", "masked"):
+                        value = model(**inputs).loss
+                    elif fused:
+                        value = fused_answer_loss(model, inputs, fused)[0]
+                    else:
+                        value = answer_only_loss(model, inputs)[0]
+                value.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if dev.type == "cuda":
@@ -160,8 +176,9 @@ def measure(model_path: Path, arch: str, precision: str, device: str, grid: list
             continue
         step = sum(times) / len(times)
         row = dict(arch=arch, precision=precision, device=device, batch=batch, length=length,
+                   loss_path=loss + (f" ({fused})" if fused else ""), checkpointing=checkpointing,
                    params=n_total, lora_params=n_lora, step_seconds=round(step, 4),
-                   tokens_per_second=round(batch * length / step, 1), loss=round(float(loss), 3),
+                   tokens_per_second=round(batch * length / step, 1), loss=round(float(value), 4),
                    weights_mb=round(weights / 2**20, 1), **peak_memory_mb())
         row["peak_over_baseline_mb"] = round(row["peak_rss_mb"] - rss0 / 2**20, 1)
         if dev.type == "cuda":

@@ -2,6 +2,7 @@
 download), LoRA r=16 on all linear layers with gradient checkpointing, through this project's loading code.
 
     python bench/gpu_bench.py [--json out.json]          one NVIDIA GPU; about 5 minutes on an H200
+    python bench/gpu_bench.py --levers                   MFU levers: answer-only logits, fused loss, no checkpointing
 
 Rows: Qwen3-1.7B in fp32 / bf16 / 8-bit / 4-bit at batch 4 x 512 tokens (peak memory per precision), bf16 LoRA and
 4-bit QLoRA over a batch x length grid (tokens/s), and Qwen3-VL-2B with one 448x448 image per sample (196 image
@@ -31,6 +32,13 @@ PLAN = [  # (arch, precision, grid)
     ("qwen3_vl", "8bit", "2x1024"),
     ("qwen3_vl", "4bit", "2x1024"),
 ]
+# MFU levers (`--levers`): Qwen3-1.7B bf16, half of each sequence is answer (labels), the rest prompt.
+LEVERS = [  # (loss path, gradient checkpointing)
+    ("masked", True),     # the model's own loss over all logits (the baseline)
+    ("answer", True),     # answer-only logits
+    ("fused", True),      # fused linear cross-entropy (liger when installed, else torch)
+    ("fused", False),     # ... and no gradient checkpointing (memory allowing)
+]
 
 
 def main(argv=None) -> int:
@@ -40,18 +48,31 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--only", default=None, help="comma-separated archs to run")
+    p.add_argument("--levers", action="store_true", help="instead: the MFU levers on Qwen3-1.7B bf16 (LEVERS)")
+    p.add_argument("--grid", default="4x2048,1x512", help="with --levers: batch x length pairs")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench.py needs a CUDA GPU; bench/memory.py measures on the CPU")
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="gpu_bench_"))
     rows = []
+    if args.levers:
+        build_model("qwen3", "full", work / "qwen3-full", device="cuda")
+        for loss, ckpt in LEVERS:
+            rows += run_child(MEMORY, ["--child", "qwen3", "bf16", loss, "--device", "cuda", "--preset", "full",
+                                       "--grid", args.grid, "--steps", str(args.steps), "--workdir", str(work),
+                                       "--answer_share", "0.5"] + ["--no_checkpointing"] * (not ckpt))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        print(table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     for arch, precision, grid in PLAN:
         if args.only and arch not in args.only.split(","):
             continue
         build_model(arch, "full", work / f"{arch}-full", device="cuda")
-        rows += run_child(MEMORY, ["--child", arch, precision, "--device", "cuda", "--preset", "full", "--grid", grid,
-                                   "--steps", str(args.steps), "--workdir", str(work)])
+        rows += run_child(MEMORY, ["--child", arch, precision, "full", "--device", "cuda", "--preset", "full",
+                                   "--grid", grid, "--steps", str(args.steps), "--workdir", str(work)])
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(table(rows))
     print(ratios(rows, "qwen3", (4, 512)))

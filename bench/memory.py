@@ -24,18 +24,19 @@ from common import build_model, measure, run_child  # noqa: E402
 
 def table(rows: list[dict]) -> str:
     mfu = any("mfu" in r for r in rows)
-    head = "| model | precision | batch x length | model weights MB | peak MB | step s | tokens/s |"
+    head = "| model | precision | loss | ckpt | batch x length | model weights MB | peak MB | step s | tokens/s |"
     head += " MFU |" if mfu else ""
-    lines = [head, "|---|---|---|---|---|---|---|" + ("---|" if mfu else "")]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|" + ("---|" if mfu else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('arch', '')} | {r.get('precision', r.get('args', ''))} | "
+            lines.append(f"| {r.get('arch', '')} | {r.get('precision', r.get('args', ''))} | | | "
                          f"{r.get('batch', '')}x{r.get('length', '')} | error: {r['error']} | | | |")
             continue
         gpu = "peak_gpu_memory_mb" in r
         loaded = r["weights_mb"]
         peak = r["peak_gpu_memory_mb"] if gpu else r["peak_over_baseline_mb"]
-        lines.append(f"| {r['arch']} ({r['params'] / 1e6:.0f}M) | {r['precision']} | {r['batch']}x{r['length']} | "
+        lines.append(f"| {r['arch']} ({r['params'] / 1e6:.0f}M) | {r['precision']} | {r.get('loss_path', 'full')} | "
+                     f"{'yes' if r.get('checkpointing', True) else 'no'} | {r['batch']}x{r['length']} | "
                      f"{loaded:.0f} | {peak:.0f} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} |"
                      + (f" {100 * r['mfu']:.1f}% |" if mfu else ""))
     return "\n".join(lines)
@@ -44,6 +45,7 @@ def table(rows: list[dict]) -> str:
 def ratios(rows: list[dict], arch: str, shape: tuple) -> str:
     """Weights and peak memory of 8-bit and 4-bit relative to bf16, for rows of one batch x length."""
     base = {r["precision"]: r for r in rows if r.get("arch") == arch and "error" not in r
+            and r.get("loss_path", "full") == "full"
             and (shape == (None, None) or (r["batch"], r["length"]) == shape)}
     if not {"bf16", "8bit", "4bit"} <= set(base):
         return ""
@@ -57,29 +59,36 @@ def ratios(rows: list[dict], arch: str, shape: tuple) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="mid", choices=["mid", "full"])
+    p.add_argument("--preset", default="mid", choices=["mid", "vocab", "full"])
+    p.add_argument("--losses", default="full", help="comma-separated loss paths: full, masked, answer, fused")
+    p.add_argument("--answer_share", type=float, default=0.5, help="share of each sequence that carries labels")
+    p.add_argument("--no_checkpointing", action="store_true", help="train without gradient checkpointing")
     p.add_argument("--arch", default="qwen3")
     p.add_argument("--precisions", default="fp32,bf16,8bit,4bit")
     p.add_argument("--grid", default="2x256", help="batch x length pairs, e.g. 1x512,4x2048")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--child", nargs=2, metavar=("ARCH", "PRECISION"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("ARCH", "PRECISION", "LOSS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_mem_"))
     if args.child:
-        arch, precision = args.child
+        arch, precision, loss = args.child
         grid = [tuple(int(v) for v in g.split("x")) for g in args.grid.split(",")]
-        rows = measure(work / f"{arch}-{args.preset}", arch, precision, args.device, grid, steps=args.steps)
+        rows = measure(work / f"{arch}-{args.preset}", arch, precision, args.device, grid, steps=args.steps,
+                       loss=loss, answer_share=args.answer_share, checkpointing=not args.no_checkpointing)
         print("RESULT " + json.dumps(rows))
         return 0
     rows = []
     for arch in args.arch.split(","):
         build_model(arch, args.preset, work / f"{arch}-{args.preset}", device=args.device)
         for precision in args.precisions.split(","):
-            rows += run_child(__file__, ["--child", arch, precision, "--device", args.device, "--preset", args.preset,
-                                         "--grid", args.grid, "--steps", str(args.steps), "--workdir", str(work)])
-            print(rows[-1], file=sys.stderr)
+            for loss in args.losses.split(","):
+                rows += run_child(__file__, ["--child", arch, precision, loss, "--device", args.device, "--preset",
+                                             args.preset, "--grid", args.grid, "--steps", str(args.steps), "--workdir",
+                                             str(work), "--answer_share", str(args.answer_share)]
+                                  + ["--no_checkpointing"] * args.no_checkpointing)
+                print(rows[-1], file=sys.stderr)
     print(table(rows))
     for arch in args.arch.split(","):
         print(ratios(rows, arch, (None, None)))
