@@ -247,8 +247,10 @@ def fingerprint(processor, examples: list[Example], cfg: Config) -> str:
     return h.hexdigest()[:16]
 
 
-def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str) -> list[dict]:
-    """Tokenise text-only examples once, cached on disk under a fingerprint of data and tokenizer."""
+def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str,
+               write: bool = True) -> list[dict]:
+    """Tokenise text-only examples once, cached on disk under a fingerprint of data and tokenizer (`write` False:
+    use a cached file, never create or replace one)."""
     key = fingerprint(encoder.processor, examples, encoder.cfg)
     path = cache_dir / f"{what}-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
@@ -261,7 +263,7 @@ def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None
     encoded = [x for x in (encoder(e) for e in examples) if x is not None]
     encoder.report(len(examples), what)
     encoder.stats.clear()
-    if path is not None:
+    if path is not None and write:
         path.parent.mkdir(parents=True, exist_ok=True)
         for old in path.parent.glob(f"{what}-*.json"):
             old.unlink()
@@ -302,11 +304,12 @@ def image_tokens(processor, path: str) -> int:
         return max(1, (h * w) // (32 * 32))
 
 
-def build_dataset(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str):
+def build_dataset(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str,
+                  write_cache: bool = True):
     """A list of encoded samples (text) or a LazyImageDataset (images); both expose per-sample lengths."""
     if examples and examples[0].image is not None:
         return LazyImageDataset(encoder, examples, what)
-    return EncodedList(encode_all(encoder, examples, cache_dir, what))
+    return EncodedList(encode_all(encoder, examples, cache_dir, what, write_cache))
 
 
 class EncodedList(list):

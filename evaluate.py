@@ -20,7 +20,7 @@ import distributed
 from config import Config, UserError
 from data_files import load_examples, stratified_subset
 from data_processing import Encoder, build_dataset
-from inference import annotate_vlm, generate_batch, report_empty, vlm_constraint, vlm_label_map
+from inference import answer_and_annotate, generate_batch, report_empty, vlm_constraint, vlm_label_map
 from metrics import (
     answer_loss_sums,
     calibration,
@@ -54,17 +54,21 @@ def run(cfg: Config) -> int:
     model, processor = load_for_inference(cfg)
     encoder = Encoder(processor, cfg)  # reads the system prompt once, for loss and generation
     started = time.time()
-    samples = build_dataset(encoder, local, None, "validation") if local else []
+    # Training tokenised this validation set already: its cache (same data, tokenizer and settings) is read, never
+    # written here (an evaluate beside a running training must not replace the training's files).
+    samples = build_dataset(encoder, local, cfg.run_dir / "cache", "validation", write_cache=False) if local else []
     loss_sum, tokens = distributed.total(list(answer_loss_sums(model, processor, samples,
                                                                cfg.per_device_eval_batch_size)), size)
     loss = loss_sum / tokens if tokens else float("nan")
     gen_start = time.time()
     constraint = vlm_constraint(model, processor, cfg, label_map)
-    preds = generate_batch(model, processor, local, cfg, encoder.system, progress=True, constraint=constraint)
     notes = free = None
-    if label_map is not None:
-        notes = distributed.gather(annotate_vlm(model, processor, local, preds, cfg, encoder.system, label_map),
-                                   rank, size)
+    if label_map is None:
+        preds = generate_batch(model, processor, local, cfg, encoder.system, progress=True)
+    else:
+        preds, notes = answer_and_annotate(model, processor, local, cfg, encoder.system, label_map, constraint,
+                                           progress=True)
+        notes = distributed.gather(notes, rank, size)
         if cfg.report_unconstrained and constraint is not None:
             free = distributed.gather(generate_batch(model, processor, local, cfg, encoder.system, progress=True),
                                       rank, size)

@@ -65,11 +65,11 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
-def _encode_prompts(processor, examples: list[Example], system: str | None) -> dict:
-    """Left-padded model inputs for a batch of prompts (images decoded here, for VLMs)."""
+def _encode_prompts(processor, examples: list[Example], system: str | None, images: list | None = None) -> dict:
+    """Left-padded model inputs for a batch of prompts (VLMs: `images` already decoded, or decoded here)."""
     texts = [prompt_text(processor, e, system) for e in examples]
     if examples[0].image is not None:
-        images = [load_image(e.image) for e in examples]
+        images = images if images is not None else [load_image(e.image) for e in examples]
         return processor(text=texts, images=images, padding=True, return_tensors="pt")
     tok = getattr(processor, "tokenizer", processor)
     return tok(texts, padding=True, add_special_tokens=not has_chat_template(processor), return_tensors="pt")
@@ -77,9 +77,10 @@ def _encode_prompts(processor, examples: list[Example], system: str | None) -> d
 
 @torch.inference_mode()
 def generate_batch(model, processor, examples: list[Example], cfg: Config, system: str | None,
-                   streamer=None, progress: bool = False, constraint=None) -> list[str]:
+                   streamer=None, progress: bool = False, constraint=None, on_batch=None) -> list[str]:
     """Answers for `examples`, in order, per_device_eval_batch_size at a time; `constraint` (a
-    structured.SchemaConstraint) restricts them to the label map's JSON schema."""
+    structured.SchemaConstraint) restricts them to the label map's JSON schema. `on_batch(indices, answers,
+    images)` is called after each batch, with its decoded images (None for text)."""
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     kwargs = _generation_kwargs(model, processor, cfg)
@@ -90,13 +91,17 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     device = _device(model)
     for idx in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
-        inputs = _encode_prompts(processor, [examples[i] for i in idx], system).to(device)
+        batch = [examples[i] for i in idx]
+        images = [load_image(e.image) for e in batch] if batch[0].image is not None else None
+        inputs = _encode_prompts(processor, batch, system, images).to(device)
         if constraint is not None:
             kwargs["logits_processor"] = [constraint.logits_processor()]  # fresh matcher state per call
         out = model.generate(**inputs, streamer=streamer, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
             answers[i] = strip_thinking(text)
+        if on_batch is not None:
+            on_batch(idx, [answers[i] for i in idx], images)
     return answers
 
 
@@ -113,15 +118,15 @@ def vlm_constraint(model, processor, cfg: Config, label_map: dict | None):
 
 
 def annotate_vlm(model, processor, examples: list[Example], answers: list[str], cfg: Config, system: str | None,
-                 label_map: dict) -> list[dict]:
+                 label_map: dict, images: list | None = None) -> list[dict]:
     """Per answer: the parsed JSON (its confidence replaced unless keep_model_confidence), field_confidence,
     confidence, and each field's distribution over its allowed values."""
     out = []
-    for e, answer in zip(examples, answers):
+    for k, (e, answer) in enumerate(zip(examples, answers)):
         parsed = parse_json(answer)
         dists = {}
         if parsed is not None:
-            inputs = _encode_prompts(processor, [e], system)
+            inputs = _encode_prompts(processor, [e], system, None if images is None else [images[k]])
             dists = field_confidences(model, processor, inputs, answer, label_map)
         out.append({"parsed": parsed, "distributions": dists,
                     **with_confidence(parsed, dists, cfg.keep_model_confidence)})
@@ -130,6 +135,21 @@ def annotate_vlm(model, processor, examples: list[Example], answers: list[str], 
 
 # ----------------------------------------------------------------------------------------------------
 # batch mode
+def answer_and_annotate(model, processor, examples: list[Example], cfg: Config, system: str | None,
+                        label_map: dict, constraint, progress: bool = False) -> tuple[list[str], list[dict]]:
+    """VLM answers and their annotations (annotate_vlm), batch by batch: each image is decoded once for both."""
+    notes: list = [None] * len(examples)
+
+    def annotate(idx, answers, images):
+        batch = [examples[i] for i in idx]
+        for i, note in zip(idx, annotate_vlm(model, processor, batch, answers, cfg, system, label_map, images)):
+            notes[i] = note
+
+    answers = generate_batch(model, processor, examples, cfg, system, progress=progress, constraint=constraint,
+                             on_batch=annotate)
+    return answers, notes
+
+
 def _read_text_inputs(path: Path) -> list[Example]:
     """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings) with
     "text" (and optional "target"), or any training data format."""
@@ -329,10 +349,10 @@ class Answerer:
                               constraint=self.constraint, **kw)
 
     def columns(self, examples: list[Example]) -> dict:
-        texts = self.texts(examples)
         if self.label_map is None:
-            return {"prediction": texts}
-        notes = annotate_vlm(self.model, self.processor, examples, texts, self.cfg, self.system, self.label_map)
+            return {"prediction": self.texts(examples)}
+        texts, notes = answer_and_annotate(self.model, self.processor, examples, self.cfg, self.system,
+                                           self.label_map, self.constraint)
         return {"prediction": texts, "_extra": [{"prediction": n["parsed"], "field_confidence": n["field_confidence"],
                                                  "confidence": n["confidence"]} for n in notes]}
 

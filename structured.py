@@ -13,6 +13,7 @@ every allowed value is scored, by teacher forcing, from the point where the cand
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -104,15 +105,20 @@ def _value_start(text: str, field: str) -> int | None:
     return at
 
 
+_ROWS_PER_PASS = 16  # candidate rows scored together; each holds a copy of the prompt's key/value cache
+
+
 @torch.inference_mode()
 def field_confidences(model, processor, inputs: dict, answer: str, label_map: dict) -> dict[str, dict]:
     """{field: {value: probability}} over each field's allowed values, for one prompt (`inputs`: the processor's
-    output for that prompt alone, batch 1) and the answer generated for it."""
+    output for that prompt alone, batch 1) and the answer generated for it.
+
+    The prompt (and its image, through the vision tower) runs once; its key/value cache then serves every
+    candidate of every field, continuing the answer from its start. Candidates are right-padded without an
+    attention mask: in a causal model no real token attends to the padding after it."""
     tok = getattr(processor, "tokenizer", processor)
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    prompt_ids = inputs["input_ids"][0].tolist()
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    out = {}
+    rows = []  # (field, value, answer tokens with that value, index from which the field's candidates differ)
     for pos in label_map["positions"]:
         start = _value_start(answer, pos["field"])
         if start is None:
@@ -122,28 +128,34 @@ def field_confidences(model, processor, inputs: dict, answer: str, label_map: di
         after = answer[start:].lstrip()
         rest = after[len(next((v for v in values if after.startswith(v)), "")):]
         tail = rest[:1] if rest[:1] in (",", "}") else ","
-        seqs = [prompt_ids + tok(answer[:start] + v + tail, add_special_tokens=False)["input_ids"] for v in values]
+        seqs = [tok(answer[:start] + v + tail, add_special_tokens=False)["input_ids"] for v in values]
         common = 0
         while all(len(s) > common for s in seqs) and len({s[common] for s in seqs}) == 1:
             common += 1
-        width = max(map(len, seqs))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        batch_extra = {}
-        for k, v in extra.items():  # images: the same picture for every candidate
-            if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == len(prompt_ids):
-                batch_extra[k] = torch.nn.functional.pad(v, (0, width - v.shape[1])).repeat(len(seqs), 1).to(device)
-            elif torch.is_tensor(v):
-                batch_extra[k] = torch.cat([v] * len(seqs)).to(device)
-        logits = model(input_ids=ids, attention_mask=mask, **batch_extra).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        scores = []
-        for row, s in enumerate(seqs):
-            scores.append(sum(float(logp[row, t - 1, s[t]]) for t in range(common, len(s))))
-        top = max(scores)
-        norm = math.log(sum(math.exp(x - top) for x in scores)) + top
-        out[pos["field"]] = {v: math.exp(x - norm) for v, x in zip(values, scores)}
+        rows += [(pos["field"], v, s, common) for v, s in zip(values, seqs)]
+    if not rows:
+        return {}
+    prefill = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, use_cache=True,
+                    logits_to_keep=1)
+    first = torch.log_softmax(prefill.logits[0, -1].float(), dim=-1)  # the answer's first token
+    cache = prefill.past_key_values
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    scores = []
+    for at in range(0, len(rows), _ROWS_PER_PASS):
+        group = rows[at:at + _ROWS_PER_PASS]
+        shared = copy.deepcopy(cache) if at + _ROWS_PER_PASS < len(rows) else cache
+        shared.batch_repeat_interleave(len(group))
+        width = max(len(s) for _, _, s, _ in group)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for _, _, s, _ in group], device=device)
+        logp = torch.log_softmax(model(input_ids=ids, past_key_values=shared).logits.float(), dim=-1)
+        for row, (_, _, s, common) in enumerate(group):
+            scores.append(sum(float(first[s[0]] if t == 0 else logp[row, t - 1, s[t]]) for t in range(common, len(s))))
+    out: dict[str, dict] = {}
+    for field in dict.fromkeys(r[0] for r in rows):
+        mine = [(v, x) for (f, v, _, _), x in zip(rows, scores) if f == field]
+        top = max(x for _, x in mine)
+        norm = math.log(sum(math.exp(x - top) for _, x in mine)) + top
+        out[field] = {v: math.exp(x - norm) for v, x in mine}
     return out
 
 

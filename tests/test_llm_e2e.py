@@ -47,10 +47,14 @@ def test_demo_memorises_training_answers(demo_run, tmp_path):
     assert exact >= 12, f"only {exact}/15 training answers reproduced"
 
 
-def test_evaluate_writes_metrics(demo_run):
+def test_evaluate_writes_metrics(demo_run, caplog):
     tmp, args = demo_run
-    assert run_main("--task", "evaluate", *args) == 0
     run_dir = tmp / "out" / "tiny-qwen3"
+    cached = sorted(p.name for p in (run_dir / "cache").iterdir())
+    assert run_main("--task", "evaluate", *args) == 0
+    # The loss pass reads the validation set training tokenised, and writes no cache of its own.
+    assert "validation: using cached tokenisation" in caplog.text
+    assert sorted(p.name for p in (run_dir / "cache").iterdir()) == cached
     res = json.loads((run_dir / "eval_results.json").read_text())
     for key in ("eval_loss", "perplexity", "num_samples", "exact_match", "rouge_l", "bleu"):
         assert key in res

@@ -63,6 +63,41 @@ def test_field_confidence_is_the_exact_normalised_probability(models):
             assert p == pytest.approx(math.exp(totals[value] - norm), rel=1e-3)
 
 
+def test_vlm_field_confidence_equals_whole_sequence_scoring_with_the_image(models):
+    """The prompt's cache (image included) is shared by all candidates: the result must equal scoring each
+    candidate's whole sequence, image and all, on its own."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from data_files import load_image
+
+    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
+    model = AutoModelForImageTextToText.from_pretrained(models("qwen3_vl")).eval()
+    image = load_image(str(sorted((ROOT / "data/vlm/images").iterdir())[0]))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "inspect"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt", images_kwargs={"max_pixels": 16384})
+    answer = '{"defect": "dent", "severity": 3, "inspector": "auto", "reviewed": false}'
+    vision_calls = []
+    hook = model.model.visual.register_forward_hook(lambda *_: vision_calls.append(1))
+    dists = field_confidences(model, processor, inputs, answer, LABEL_MAP)
+    hook.remove()
+    assert len(vision_calls) == 1            # the image went through the vision tower once, for every candidate
+    n = inputs["input_ids"].shape[1]
+    for field, prefix in (("defect", '{"defect": '), ("severity", '{"defect": "dent", "severity": ')):
+        totals = {}
+        for value in dists[field]:
+            cont = processor.tokenizer(prefix + value + ",", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([inputs["input_ids"][0].tolist() + cont])
+            extra = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+                     "mm_token_type_ids": torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, len(cont)))}
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids, **extra).logits[0].float(), -1)
+            totals[value] = sum(float(logp[t - 1, ids[0, t]]) for t in range(n, ids.shape[1]))
+        norm = math.log(sum(math.exp(v) for v in totals.values()))
+        for value, p in dists[field].items():
+            assert p == pytest.approx(math.exp(totals[value] - norm), rel=1e-3)
+
+
 def test_calibration_values():
     dists = [{'"a"': 0.9, '"b"': 0.1}, {'"a"': 0.9, '"b"': 0.1}, {'"a"': 0.6, '"b"': 0.4}]
     c = calibration(dists, ["a", "b", "a"], ["a", "a", "a"], n_bins=10)

@@ -223,10 +223,16 @@ def test_vlm_repl_bad_then_good_path(vlm_demo, tmp_path):
     assert parse_json(reply) is not None and "is_night_mode" in parse_json(reply)
 
 
-def test_vlm_folder_batch(vlm_demo, tmp_path):
+def test_vlm_folder_batch(vlm_demo, tmp_path, monkeypatch):
+    import inference
+
     _, args = vlm_demo
     out = tmp_path / "preds.jsonl"
+    decoded = []
+    real = inference.load_image
+    monkeypatch.setattr(inference, "load_image", lambda path: decoded.append(path) or real(path))
     assert run_main("--task", "inference", *args, "--input", ROOT / "data/vlm/images", "--output", out) == 0
+    assert len(decoded) == len(set(decoded)) == 60       # each image decoded once, for the answer and its confidence
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 60 and {"file", "prediction", "raw"} <= set(rows[0])
     assert sum(isinstance(r["prediction"], dict) for r in rows) >= 54
