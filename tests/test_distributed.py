@@ -117,3 +117,39 @@ def test_sharding_refusals(models, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")               # what accelerate launch sets
     assert run_main("--task", "train", *args, "--train_quantization_bit", "8") == 2
     assert "with DeepSpeed is not supported" in capsys.readouterr().err
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() == 0, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "zero3_offload", "fsdp"])
+def test_sharded_backend_saves_an_adapter_that_evaluates_like_ddp(backend, tmp_path):
+    """ZeRO-2/3 and FSDP through the shipped accelerate configs, on every GPU of the machine (one is enough to
+    exercise the sharded save): the adapter holds full LoRA weights, loads in a plain evaluate, and scores like
+    the DDP run of the same global batch."""
+    if backend.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    n = _gpus()
+    results = {}
+    for name in ("ddp", backend):
+        args = ["--config", DEMO, "--model_name_or_path", str(tmp_path / "m" / "tiny-qwen3"), "--output_dir",
+                str(tmp_path / name), "--num_train_epochs", "4", "--save_strategy", "no",
+                "--per_device_train_batch_size", str(4 // n if 4 % n == 0 else 4)]
+        _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / f"{name}.yaml"), "--num_processes", str(n), "--main_process_port",
+              str(_port()), str(ROOT / "main.py"), "--task", "train", *args], timeout=900)
+        from safetensors.torch import load_file
+
+        weights = load_file(tmp_path / name / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors")
+        assert weights and all(t.numel() > 0 for t in weights.values())     # gathered, not empty shards
+        _run([sys.executable, str(ROOT / "main.py"), "--task", "evaluate", *args])
+        results[name] = json.loads((tmp_path / name / "tiny-qwen3" / "eval_results.json").read_text())
+        trained = json.loads((tmp_path / name / "tiny-qwen3" / "train_results.json").read_text())
+        print(f"{name}: {n} GPU(s), peak GPU memory {trained.get('peak_gpu_memory_mb')} MB per process, "
+              f"eval_loss {results[name]['eval_loss']:.4f}")
+    assert results[backend]["eval_loss"] == pytest.approx(results["ddp"]["eval_loss"], rel=0.05)
