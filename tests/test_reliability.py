@@ -28,8 +28,11 @@ def _train_args(models, tmp_path, **extra):
 
 def _spawn(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A suite started in the background (`nohup ... &`) ignores SIGINT, and children inherit that: give the child
+    # the default disposition a terminal's Ctrl-C meets, so that Python installs its KeyboardInterrupt handler.
     return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--task", "train", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_checkpoint(run_dir, proc, timeout=120):
