@@ -199,7 +199,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         # Mixed precision follows the base weights; LoRA weights stay fp32 under autocast.
         bf16=dtype == torch.bfloat16,  # autocast on CPU too: k-bit preparation leaves fp32 norms beside bf16
         fp16=on_gpu and dtype == torch.float16,
-        use_cpu=not on_gpu,
+        use_cpu=not on_gpu and _sharding(cfg) is None,  # accelerate drops DeepSpeed when told use_cpu
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         label_names=["labels"],
@@ -217,10 +217,19 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
     return TrainingArguments(**fields)
 
 
-def _save_adapter(model, processor, cfg: Config) -> None:
-    """lora_model/ is written to a temporary folder and renamed: never half-written."""
+def _save_adapter(trainer: Trainer, processor, cfg: Config) -> None:
+    """lora_model/ is written to a temporary folder and renamed: never half-written. Under ZeRO-3 and FSDP each
+    process holds a shard of the weights: every process takes part in gathering the full state dict (as
+    Trainer.save_model does), then the main process writes the LoRA weights from it."""
+    state_dict = None
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled
+                                                        else trainer.model)
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_dir(cfg.lora_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         processor.save_pretrained(tmp)
         save_training_settings(cfg, tmp)
     logger.info("adapter saved to %s", cfg.lora_dir)
@@ -291,17 +300,27 @@ def _check_writable(run_dir: Path) -> None:
         raise UserError(f"cannot write to {run_dir}: {e.strerror or e}; choose another --output_dir") from None
 
 
+def _sharding(cfg: Config) -> str | None:
+    """"FSDP" or "DeepSpeed" when accelerate's config (environment) or a TrainingArguments field asks for it."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or cfg.trainer_args.get("fsdp"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or cfg.trainer_args.get("deepspeed"):
+        return "DeepSpeed"
+    return None
+
+
 def _check_sharding(cfg: Config) -> None:
-    """4/8-bit bases train on one GPU or with DDP; FSDP and DeepSpeed shard 16-bit weights."""
-    sharded = [name for name, on in (
-        ("FSDP", os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or bool(cfg.trainer_args.get("fsdp"))),
-        ("DeepSpeed", os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-         or bool(cfg.trainer_args.get("deepspeed")))) if on]
-    if sharded and not torch.cuda.is_available():  # accelerate would quietly fall back to plain DDP
-        raise UserError(f"{sharded[0]} needs CUDA GPUs; on a CPU drop it and run DDP (torchrun --nproc_per_node N "
-                        "main.py --task train)")
+    """4/8-bit bases train on one GPU or with DDP; FSDP and DeepSpeed shard 16-bit weights, on GPUs. On a CPU,
+    accelerate runs DeepSpeed in a single process only (several would each train alone) and FSDP not at all."""
+    sharded = _sharding(cfg)
+    if sharded and not torch.cuda.is_available():
+        if sharded == "FSDP" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"{sharded} across processes needs CUDA GPUs (on a CPU accelerate would run each "
+                            "process alone, or plain DDP); on a CPU drop it and run DDP (torchrun --nproc_per_node "
+                            "N main.py --task train)")
+        logger.warning("DeepSpeed on a CPU runs in this one process: it shards nothing and saves no memory here")
     if sharded and cfg.train_quantization_bit:
-        raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded[0]} is not supported "
+        raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded} is not supported "
                         "here: 4/8-bit bases train on one GPU or with DDP (configs/accelerate/ddp.yaml). Set "
                         "train_quantization_bit: null to shard a 16-bit model instead")
 
@@ -386,15 +405,20 @@ def _train(cfg: Config) -> int:
         raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
                         "without --resume_from_checkpoint") from None
     trainer.save_state()  # trainer_state.json in the run folder
+    _save_adapter(trainer, processor, cfg)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    loss = None
+    if eval_ds is not None and cfg.eval_strategy != "no" and (sharded or trainer.is_world_process_zero()):
+        # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
+        # trainer_state.json averages per-batch means instead). Sharded weights are gathered layer by layer in
+        # the forward pass, a collective step: then every process computes it.
+        loss = answer_loss(trainer.model_wrapped if sharded else trainer.model, processor, eval_ds,
+                           cfg.per_device_eval_batch_size)
     if trainer.is_world_process_zero():
-        _save_adapter(trainer.model, processor, cfg)
         metrics = dict(result.metrics)
         metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
                        train_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())
-        if eval_ds is not None and cfg.eval_strategy != "no":
-            # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
-            # trainer_state.json averages per-batch means instead).
-            loss = answer_loss(trainer.model, processor, eval_ds, cfg.per_device_eval_batch_size)
+        if loss is not None:
             metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
         write_json(cfg.run_dir / "train_results.json", metrics)
         plot_loss_curves(trainer.state.log_history, cfg.run_dir / "loss.png")

@@ -110,13 +110,56 @@ def test_sharding_refusals(models, tmp_path, capsys, monkeypatch):
     args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp_path]
     # On a CPU, accelerate would silently run plain DDP instead of FSDP: refused, saying what to run.
     assert run_main("--task", "train", *args, "--fsdp", "full_shard") == 2
-    assert "FSDP needs CUDA GPUs" in capsys.readouterr().err
+    assert "FSDP across processes needs CUDA GPUs" in capsys.readouterr().err
+    # DeepSpeed in several CPU processes: accelerate would let each train alone on its own copy.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert run_main("--task", "train", *args) == 2
+    assert "DeepSpeed across processes needs CUDA GPUs" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)        # as on a GPU machine
     assert run_main("--task", "train", *args, "--train_quantization_bit", "4", "--fsdp", "full_shard") == 2
     assert "train_quantization_bit: 4 with FSDP is not supported" in capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")               # what accelerate launch sets
     assert run_main("--task", "train", *args, "--train_quantization_bit", "8") == 2
     assert "with DeepSpeed is not supported" in capsys.readouterr().err
+
+
+ZERO3_ALL_PARTITIONED = {  # persistence threshold 0: every weight is partitioned, LoRA's too, as at real sizes
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                          "stage3_param_persistence_threshold": 0},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
+
+
+def test_deepspeed_zero3_saves_gathered_lora_weights_on_cpu(models, tmp_path):
+    """DeepSpeed ZeRO-3 in one CPU process (all accelerate runs DeepSpeed with on a CPU): the weights live as
+    partitions, so saving the adapter must gather them; an ungathered save writes empty tensors. The adapter equals
+    the plain run's and evaluates the same."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps(ZERO3_ALL_PARTITIONED))
+    common = ["--num_train_epochs", "2", "--save_strategy", "no"]
+    zero3 = _args(models("qwen3"), tmp_path / "zero3", *common, "--deepspeed", ds)
+    proc = _run(TORCHRUN + ["--nproc_per_node", "1", "--master_port", str(_port()), str(ROOT / "main.py"),
+                            "--task", "train", *zero3])
+    assert "DeepSpeed on a CPU runs in this one process" in proc.stderr
+    plain = _args(models("qwen3"), tmp_path / "plain", *common)
+    _run([sys.executable, str(ROOT / "main.py"), "--task", "train", *plain])
+    got = load_file(tmp_path / "zero3" / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "plain" / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].shape == want[name].shape, name               # gathered, not an empty partition
+        assert float((got[name] - want[name]).abs().max()) < 1e-3, name
+    _run([sys.executable, str(ROOT / "main.py"), "--task", "evaluate", *zero3[:-2]])
+    _run([sys.executable, str(ROOT / "main.py"), "--task", "evaluate", *plain])
+    losses = [json.loads((tmp_path / n / "tiny-qwen3" / "eval_results.json").read_text())["eval_loss"]
+              for n in ("zero3", "plain")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
 def _gpus() -> int:
