@@ -6,7 +6,8 @@
 #     bash scripts/gpu_checks.sh [OUT_DIR]
 #
 # On a machine without internet access, first fetch the packages on one that has it and carry the folder:
-#     bash scripts/gpu_checks.sh --fetch .whl      (deepspeed, liger-kernel, bitsandbytes, xgrammar wheels)
+#     PYTHON=.venv/bin/python bash scripts/gpu_checks.sh --fetch .whl   (deepspeed, liger-kernel, bitsandbytes, xgrammar, and the
+#                                                   transformers/peft versions this project is tested with)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,10 +15,12 @@ if [ "${1:-}" = "--fetch" ]; then
     DEST=${2:-.whl}
     mkdir -p "$DEST"
     # deepspeed ships as a source archive: build its pure-Python wheel here (ops compile on first use there).
-    DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps -w "$DEST" "deepspeed>=0.16" || exit
+    DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation -w "$DEST" "deepspeed==0.19.8" || exit
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$DEST" liger-kernel "bitsandbytes>=0.45" "xgrammar>=0.1.20" hjson ninja py-cpuinfo || exit
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 \
+        -d "$DEST" liger-kernel "bitsandbytes>=0.45" "xgrammar>=0.1.20" hjson ninja py-cpuinfo msgpack \
+        "transformers==5.24.0" "peft==0.21.2" || exit
     exit 0
 fi
 OUT=${1:-${OUT:-gpu_check_out}}
