@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import structured
 from conftest import ROOT, run_main, write_json
 from metrics import calibration
 from structured import field_confidences, label_schema, parse_and_check
@@ -40,7 +41,7 @@ def test_schema_from_the_label_map():
     assert parse_and_check('{"defect": "crack", "severity": 3}', LABEL_MAP) is None
 
 
-def test_field_confidence_is_the_exact_normalised_probability(models):
+def test_field_confidence_is_the_exact_normalised_probability(models, monkeypatch):
     """Checked against scoring each candidate's whole sequence independently (no shared prefix)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +51,9 @@ def test_field_confidence_is_the_exact_normalised_probability(models):
     answer = '{"defect": "scratch", "severity": 2, "inspector": "auto", "reviewed": false}'
     dists = field_confidences(model, tok, inputs, answer, LABEL_MAP)
     assert set(dists) == {"defect", "severity"}
+    monkeypatch.setattr(structured, "_ROWS_PER_PASS", 2)   # 6 candidates in 3 passes, each on a copy of the cache
+    for field, dist in field_confidences(model, tok, inputs, answer, LABEL_MAP).items():
+        assert dist == pytest.approx(dists[field], rel=1e-5)
     for field, prefix in (("defect", '{"defect": '), ("severity", '{"defect": "scratch", "severity": ')):
         assert sum(dists[field].values()) == pytest.approx(1.0)
         totals = {}
