@@ -65,11 +65,10 @@ def _device(model) -> torch.device:
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
-def _encode_prompts(processor, examples: list[Example], system: str | None, images: list | None = None) -> dict:
-    """Left-padded model inputs for a batch of prompts (VLMs: `images` already decoded, or decoded here)."""
+def _encode_prompts(processor, examples: list[Example], system: str | None, images: list | None) -> dict:
+    """Left-padded model inputs for a batch of prompts (VLMs: with their decoded `images`; text: None)."""
     texts = [prompt_text(processor, e, system) for e in examples]
-    if examples[0].image is not None:
-        images = images if images is not None else [load_image(e.image) for e in examples]
+    if images is not None:
         return processor(text=texts, images=images, padding=True, return_tensors="pt")
     tok = getattr(processor, "tokenizer", processor)
     return tok(texts, padding=True, add_special_tokens=not has_chat_template(processor), return_tensors="pt")
@@ -118,15 +117,15 @@ def vlm_constraint(model, processor, cfg: Config, label_map: dict | None):
 
 
 def annotate_vlm(model, processor, examples: list[Example], answers: list[str], cfg: Config, system: str | None,
-                 label_map: dict, images: list | None = None) -> list[dict]:
-    """Per answer: the parsed JSON (its confidence replaced unless keep_model_confidence), field_confidence,
-    confidence, and each field's distribution over its allowed values."""
+                 label_map: dict, images: list) -> list[dict]:
+    """Per answer (with its decoded image): the parsed JSON (its confidence replaced unless keep_model_confidence),
+    field_confidence, confidence, and each field's distribution over its allowed values."""
     out = []
     for k, (e, answer) in enumerate(zip(examples, answers)):
         parsed = parse_json(answer)
         dists = {}
         if parsed is not None:
-            inputs = _encode_prompts(processor, [e], system, None if images is None else [images[k]])
+            inputs = _encode_prompts(processor, [e], system, [images[k]])
             dists = field_confidences(model, processor, inputs, answer, label_map)
         out.append({"parsed": parsed, "distributions": dists,
                     **with_confidence(parsed, dists, cfg.keep_model_confidence)})

@@ -34,14 +34,18 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _answer_columns(inputs: dict):
+    """(targets: the labels shifted by one, keep: the columns where some row's next token is an answer token)."""
+    targets = inputs["labels"][:, 1:]
+    return targets, (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+
 def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     """The causal-LM loss with the output layer run only where it is needed: at positions whose next token is an
     answer token in some row of the batch. Prompt positions' logits (most of a long prompt, all of the image
     tokens) are never computed. Equal to the full computation: the model's own loss function, on the same
     targets, with the same reduction. -> (loss, outputs)"""
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    targets, keep = _answer_columns(inputs)
     if keep.numel() == 0:  # nothing to learn in this batch: the ordinary path
         outputs = model(**inputs)
         return outputs.loss, outputs
@@ -97,8 +101,7 @@ def fused_answer_loss(model, inputs: dict, backend: str, num_items_in_batch=None
     The model runs with `logits_to_keep` = the answer columns; a pre-hook on the output layer takes its input
     (the final hidden states there) and hands the layer an empty slice, so the layer itself does no work.
     -> (loss, outputs); outputs.logits is empty."""
-    targets = inputs["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    targets, keep = _answer_columns(inputs)
     if keep.numel() == 0:
         outputs = model(**inputs)
         return outputs.loss, outputs

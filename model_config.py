@@ -183,7 +183,7 @@ def load_base(cfg: Config, purpose: str):
     auto_class = AutoModelForImageTextToText if cfg.model_type == "vlm" else AutoModelForCausalLM
     # Safetensors are preferred; a .bin checkpoint goes through torch.load(weights_only=True), never full pickle.
     kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=cfg.trust_remote_code)
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations import is_deepspeed_zero3_enabled  # transformers loads lazily in this module
 
     if purpose == "train" and is_deepspeed_zero3_enabled():  # the weights load partitioned, onto no one device
         del kwargs["device_map"]

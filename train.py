@@ -217,12 +217,12 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
     return TrainingArguments(**fields)
 
 
-def _save_adapter(trainer: Trainer, processor, cfg: Config) -> None:
+def _save_adapter(trainer: Trainer, processor, cfg: Config, sharded: bool) -> None:
     """lora_model/ is written to a temporary folder and renamed: never half-written. Under ZeRO-3 and FSDP each
     process holds a shard of the weights: every process takes part in gathering the full state dict (as
     Trainer.save_model does), then the main process writes the LoRA weights from it."""
     state_dict = None
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+    if sharded:
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped if trainer.is_deepspeed_enabled
                                                         else trainer.model)
     if not trainer.is_world_process_zero():
@@ -383,10 +383,10 @@ def _train(cfg: Config) -> int:
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           data_collator=_make_collator(processor, cfg),
                           processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
+    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled  # weights may be split across processes
     trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
     if trainer.answer_only:
-        trainer.fused = fused_loss_backend(model, cfg.fused_loss, trainer.is_fsdp_enabled or
-                                           trainer.is_deepspeed_enabled)
+        trainer.fused = fused_loss_backend(model, cfg.fused_loss, sharded)
         logger.info("loss: answer-only %s", f"fused linear cross-entropy ({trainer.fused})" if trainer.fused
                     else "logits")
     if resume:
@@ -405,8 +405,7 @@ def _train(cfg: Config) -> int:
         raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
                         "without --resume_from_checkpoint") from None
     trainer.save_state()  # trainer_state.json in the run folder
-    _save_adapter(trainer, processor, cfg)
-    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    _save_adapter(trainer, processor, cfg, sharded)
     loss = None
     if eval_ds is not None and cfg.eval_strategy != "no" and (sharded or trainer.is_world_process_zero()):
         # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
