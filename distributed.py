@@ -52,3 +52,14 @@ def total(values: list[float], size: int) -> list[float]:
     parts: list = [None] * size
     dist.all_gather_object(parts, values)
     return [sum(p[i] for p in parts) for i in range(len(values))]
+
+
+def close() -> None:
+    """Leave the process group together: without it the first process to finish exits while the others still
+    talk to it, and gloo aborts that process ("terminate called without an active exception")."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

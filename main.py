@@ -20,6 +20,7 @@ import os
 import sys
 import warnings
 
+import distributed
 from config import FIELDS, UserError, add_flags, build_config, read_yaml
 
 logger = logging.getLogger("lora")
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm():  # log lines print above progress bars instead of through them
-            return int(TASKS[cfg.task](cfg) or 0)
+            code = int(TASKS[cfg.task](cfg) or 0)
+        distributed.close()
+        return code
     except UserError as e:
         if debug:
             logger.exception("error")
