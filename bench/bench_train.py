@@ -5,6 +5,7 @@
     python bench/bench_train.py --real ./models/SmolLM2-135M-Instruct --rows ours,plain,trl,llamafactory
                                                 the same rows on the real SmolLM2 (30 layers, vocabulary 49,152)
                                                 and the demo's order messages (data/demo), 1 epoch, max_length 256
+    ... --dtype bfloat16                        every row with the frozen model in bfloat16 (default float32)
     bash bench/setup_llamafactory.sh            once, for the llamafactory row (its own virtualenv)
 
 Rows, each in its own process so that peak memory is its own:
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 EPOCHS, BATCH, LR, MAX_LEN, R = 2, 4, 2e-4, 512, 8
+# Weights and compute of the frozen model in every row: float32, or bfloat16 (--dtype; on CPUs with AVX512-BF16
+# or AMX its matrix products run at about twice the float32 rate). The LoRA weights stay float32 in all rows.
+DTYPE = os.environ.get("BENCH_DTYPE", "float32")
 SENTENCES = ["保持规律的作息很重要。", "每天适量运动可以改善睡眠。", "饮食要均衡，多吃蔬菜和水果。",
              "工作时每隔一小时起来活动一下。", "和家人朋友保持联系能减轻压力。", "睡前少看手机，让大脑放松。",
              "Drink water regularly during the day.", "Plan tomorrow's tasks before you go to bed."]
@@ -90,7 +94,7 @@ def run_ours(model: Path, data: Path, out: Path) -> dict:
             "--tiny_model", "null", "--data_dir", str(data), "--output_dir", str(out), "--num_train_epochs", EPOCHS,
             "--per_device_train_batch_size", BATCH, "--learning_rate", LR, "--max_length", MAX_LEN,
             "--lora_r", R, "--lora_alpha", 2 * R, "--lora_dropout", 0.05, "--target_modules", "q_proj,v_proj",
-            "--seed", 0,
+            "--seed", 0, "--dtype", DTYPE,
             "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", 1000, "--warmup_ratio", 0]
     assert main.main([str(a) for a in args]) == 0
     res = json.loads((out / model.name / "train_results.json").read_text())
@@ -103,7 +107,8 @@ def _hf_trainer_args(out: Path):
 
     return dict(output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH, learning_rate=LR,
                 lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
-                report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0), TrainingArguments
+                report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
+                bf16=DTYPE == "bfloat16"), TrainingArguments
 
 
 def _lora(model):
@@ -131,7 +136,7 @@ def run_plain(model_path: Path, data: Path, out: Path) -> dict:
         return e
 
     ds = Dataset.from_list(rows).map(encode, remove_columns=["text", "target"])
-    model = _lora(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+    model = _lora(AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, DTYPE)))
     kwargs, TA = _hf_trainer_args(out)
     trainer = Trainer(model=model, args=TA(**kwargs), train_dataset=ds, data_collator=default_data_collator)
     t = time.time()
@@ -151,7 +156,7 @@ def run_trl(model_path: Path, data: Path, out: Path) -> dict:
     rows = json.loads((data / "train.json").read_text(encoding="utf-8"))
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["text"]}],
                              "completion": [{"role": "assistant", "content": r["target"]}]} for r in rows])
-    model = _lora(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+    model = _lora(AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, DTYPE)))
     kwargs, _ = _hf_trainer_args(out)
     args = SFTConfig(max_length=MAX_LEN, **kwargs)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -222,7 +227,8 @@ def run_llamafactory(model_path: Path, data: Path, out: Path) -> dict:
                     output_dir=str(out / "adapter"), overwrite_output_dir=True, per_device_train_batch_size=BATCH,
                     gradient_accumulation_steps=1, num_train_epochs=float(EPOCHS), learning_rate=LR,
                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
-                    report_to="none", seed=0, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
+                    report_to="none", seed=0, use_cpu=True, bf16=DTYPE == "bfloat16", fp16=False,
+                    dataloader_num_workers=0,
                     plot_loss=False, trust_remote_code=False)
     (out / "lf.yaml").write_text(yaml.safe_dump(settings))  # (0.9.5 fails to read a .json config)
     env = dict(os.environ, HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="",
@@ -308,7 +314,13 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--no_validation", action="store_true", help="skip scoring each adapter on validation.json")
     p.add_argument("--repeat", type=int, default=1, help="interleaved rounds of all rows; each reports its median")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="the frozen model's dtype in every row "
+                   "(default float32); adapters are scored in float32 either way")
     args = p.parse_args(argv)
+    if args.dtype:
+        os.environ["BENCH_DTYPE"] = args.dtype  # the row processes read it at import
+        global DTYPE
+        DTYPE = args.dtype
     if args.real or os.environ.get("BENCH_REAL"):
         _use_real_settings()
     if args.one:
