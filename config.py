@@ -108,7 +108,9 @@ class Config:
     save_total_limit: int | None = _f(3, "keep at most N checkpoints (null keeps all)")
     seed: int = _f(42, "random seed (initialisation, shuffling, the VLM split)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    group_by_length: bool = _f(True, "batch samples of similar length together (less padding)")
+    group_by_length: str = _f("auto", "batch samples of similar length together (less padding; batches drawn in "
+                              "random order): auto (only when random batches would pad more than 10% of the "
+                              "tokens), true or false", ("auto", "true", "false"))
     answer_only_logits: bool = _f(True, "run the output layer only where the loss needs it (answer positions): same "
                                   "loss, less time and memory on long prompts and large vocabularies")
     fused_loss: str = _f("auto", "with answer_only_logits, compute the training loss without materialising the "
@@ -266,6 +268,8 @@ def _convert(name: str, value: Any, from_cli: bool) -> Any:
             raise ValueError(f"expected a finite number, got {_SHORT.repr(value)}")
         return number
     if base is str:
+        if isinstance(value, bool):  # YAML reads true/false (yes/no/on/off) as booleans
+            return "true" if value else "false"
         if isinstance(value, (dict, list)):
             raise ValueError(f"expected text, got {type(value).__name__}")
         return str(value)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from config import Config, UserError
 from data_files import load_examples
@@ -46,7 +45,7 @@ from outputs import (
     run_lock,
     write_json,
 )
-from training_data import augmentation, balance
+from training_data import LengthGroupedSampler, augmentation, balance, use_grouping
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +85,8 @@ class _LoraTrainer(Trainer):
             return torch.utils.data.WeightedRandomSampler(dataset.weights, len(dataset.weights), replacement=True,
                                                           generator=generator)
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=dataset.lengths)
+            return LengthGroupedSampler(dataset.lengths,
+                                        self.args.train_batch_size * self.args.gradient_accumulation_steps)
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -200,7 +199,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         bf16=dtype == torch.bfloat16,  # autocast on CPU too: k-bit preparation leaves fp32 norms beside bf16
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu and _sharding(cfg) is None,  # accelerate drops DeepSpeed when told use_cpu
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="random",  # length grouping is decided from the data (training_data.py)
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
@@ -371,6 +370,9 @@ def _train(cfg: Config) -> int:
     train_ds.weights = weights
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
+    if weights is None and not cfg.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
+                                                            cfg.per_device_train_batch_size):
+        args.train_sampling_strategy = "group_by_length"
     if eval_ds is not None and not len(eval_ds):
         logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
                        "(raise max_length to get one)", cfg.max_length)

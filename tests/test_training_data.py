@@ -1,4 +1,5 @@
-"""VLM training-set shaping: class balancing over label codes and seeded online augmentation (training only)."""
+"""Training-set shaping: length-grouped batches in random order, and for VLMs class balancing over label codes and
+seeded online augmentation (training only)."""
 
 import logging
 import shutil
@@ -9,7 +10,7 @@ import torch
 from config import UserError, build_config
 from conftest import ROOT, run_main
 from data_files import Example
-from training_data import augmentation, balance
+from training_data import LengthGroupedSampler, augmentation, balance, use_grouping
 
 DEMO_VLM = str(ROOT / "configs" / "demo_vlm.yaml")
 
@@ -79,3 +80,48 @@ def test_vlm_training_with_balance_and_augmentation(models, tmp_path, caplog):
                         "--balance", "oversample", "--augmentation", "hflip,blur") == 0
     assert "before: 000: 5, 131: 1" in caplog.text and "after: 000: 5, 131: 5" in caplog.text
     assert "augmenting training images online (p=0.50 each): hflip" in caplog.text
+
+
+def test_length_grouped_batches_are_similar_in_length_and_drawn_in_random_order():
+    lengths = [int(10 * 1.05 ** i) for i in range(100)]  # 10 .. 1250 tokens
+    torch.manual_seed(0)
+    sampler = LengthGroupedSampler(lengths, 4)
+    epochs = [list(sampler) for _ in range(3)]
+
+    def spread(order):  # mean ratio longest / shortest within a batch
+        batches = [order[k:k + 4] for k in range(0, 100, 4)]
+        return sum(max(lengths[i] for i in b) / min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    random_spread = spread(torch.randperm(100).tolist())
+    for order in epochs:
+        assert sorted(order) == list(range(100))                       # every sample once
+        batches = [order[k:k + 4] for k in range(0, 100, 4)]
+        assert lengths[order[0]] == max(lengths)                      # the longest batch first: an OOM at step 1
+        assert spread(order) < random_spread / 3
+        # not a curriculum: the batches' lengths do not fall from first to last
+        means = [sum(lengths[i] for i in b) for b in batches[1:]]
+        assert sum(a > b for a, b in zip(means, means[1:])) < 0.75 * len(means)
+    assert epochs[1] != epochs[2]                                       # a new order every epoch
+    torch.manual_seed(0)
+    assert list(LengthGroupedSampler(lengths, 4)) == epochs[0]          # seeded by the Trainer's generator
+
+
+def test_length_grouped_sampler_keeps_a_short_last_batch_last():
+    torch.manual_seed(1)
+    order = list(LengthGroupedSampler(list(range(1, 11)), 4))             # 10 samples: 4 + 4 + 2
+    assert sorted(order) == list(range(10))
+    windows = [set(order[:4]), set(order[4:8])]
+    assert all(len(w) == 4 for w in windows) and len(set(order[8:])) == 2
+
+
+def test_group_by_length_auto_groups_only_where_padding_costs(caplog):
+    even = [70 + i % 20 for i in range(160)]                          # the SmolLM2 demo: 70-89 tokens
+    wide = [int(20 * 1.03 ** i) for i in range(160)]                  # 20 .. 2300 tokens
+    with caplog.at_level(logging.INFO):
+        assert not use_grouping("auto", even, 4)
+        assert "random batches of 4 would pad" in caplog.text and "random batches (grouping above 10%)" in caplog.text
+        assert use_grouping("auto", wide, 4)
+    assert use_grouping("true", even, 4) and not use_grouping("false", wide, 4)
+    state = torch.random.get_rng_state()
+    use_grouping("auto", wide, 4)
+    assert torch.equal(state, torch.random.get_rng_state())              # the training's random stream is untouched
