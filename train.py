@@ -86,7 +86,8 @@ class _LoraTrainer(Trainer):
                                                           generator=generator)
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedSampler(dataset.lengths,
-                                        self.args.train_batch_size * self.args.gradient_accumulation_steps)
+                                        self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

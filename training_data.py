@@ -138,18 +138,25 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     batches keep most of the saving (SmolLM2 demo, batch 4: 5.5% of the tokens padding in random batches, 1.0%
     in windows of 8, 0.2% fully sorted). `batch_size` is the samples per optimizer step (per-device
     batch x gradient accumulation), as the Trainer groups them; a short last batch stays last so that the
-    DataLoader's batches keep their boundaries. The draws use torch's global generator, which the Trainer seeds
-    and restores on resume."""
+    DataLoader's batches keep their boundaries. The order is a function of (seed, epoch) alone, like accelerate's
+    seedable random sampler: a run resumed in mid-epoch skips exactly the batches it had trained on (torch's
+    global generator, which transformers' sampler draws from, has moved on by then), and every process of a
+    distributed run draws the same order."""
 
-    def __init__(self, lengths: list[int], batch_size: int, window: int = _WINDOW):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, window: int = _WINDOW):
         super().__init__()
-        self.lengths, self.batch_size, self.window = list(lengths), batch_size, window
+        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         span = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), span):
@@ -157,7 +164,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             batches += [window[k:k + self.batch_size] for k in range(0, len(window), self.batch_size)]
         short = [b for b in batches if len(b) < self.batch_size]
         full = [b for b in batches if len(b) == self.batch_size]
-        full = [full[k] for k in torch.randperm(len(full)).tolist()]
+        full = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
         if full:
             longest = max(range(len(full)), key=lambda k: self.lengths[full[k][0]])
             full.insert(0, full.pop(longest))
