@@ -99,16 +99,13 @@ _GROUP_ABOVE = 0.10  # group_by_length auto: the share of padding that random ba
 _WINDOW = 8  # batches sorted together
 
 
-def _padding_share(lengths: list[int], batch: int, window: int | None, draws: int = 5) -> float:
-    """Padding tokens over all tokens of an epoch's batches: random batches (window None) or grouped ones."""
-    rng = random.Random(0)  # its own generator: estimating must not move the training's random stream
+def _padding_share(lengths: list[int], batch: int, grouped: bool, draws: int = 5) -> float:
+    """Padding tokens over all tokens of an epoch's batches, random or grouped by LengthGroupedSampler; seeded
+    generators of its own, so that estimating does not move the training's random stream."""
     padded = 0
-    for _ in range(draws):
-        order = rng.sample(range(len(lengths)), len(lengths))
-        if window:
-            span = batch * window
-            order = [i for s in range(0, len(order), span)
-                     for i in sorted(order[s:s + span], key=lambda i: -lengths[i])]
+    for seed in range(draws):
+        order = list(LengthGroupedSampler(lengths, batch, seed=seed)) if grouped else \
+            torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
         padded += sum(max(lengths[i] for i in order[k:k + batch]) * len(order[k:k + batch])
                       for k in range(0, len(order), batch))
     return 1 - draws * sum(lengths) / padded if padded else 0.0
@@ -120,10 +117,10 @@ def use_grouping(choice: str, lengths: list[int], batch: int) -> bool:
     is a real cost."""
     if choice != "auto" or batch < 2 or len(lengths) <= batch:
         return choice == "true"
-    random_share = _padding_share(lengths, batch, None)
+    random_share = _padding_share(lengths, batch, grouped=False)
     group = random_share > _GROUP_ABOVE
     logger.info("group_by_length auto: random batches of %d would pad %.0f%% of the tokens, grouped ones %.0f%%: "
-                "%s", batch, 100 * random_share, 100 * _padding_share(lengths, batch, _WINDOW),
+                "%s", batch, 100 * random_share, 100 * _padding_share(lengths, batch, grouped=True),
                 "grouping by length" if group else f"random batches (grouping above {_GROUP_ABOVE:.0%})")
     return group
 
