@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 
+from answer_io import line_example, prepare_batch, repl, run_batch, show_answer
 from config import Config, UserError
 from data_files import system_prompt
-from inference import Answerer, line_example, prepare_batch, repl, run_batch, show_answer, vlm_label_map
+from generation import Answerer, vlm_label_map
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference
 

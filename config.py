@@ -38,7 +38,7 @@ def _f(default: Any, help: str, choices: tuple | None = None, cli_only: bool = F
 @dataclass
 class Config:
     # --- task -------------------------------------------------------------------------------------
-    task: str | None = _f(None, "what to run", ("train", "evaluate", "inference", "export", "compare"))
+    task: str | None = _f(None, "what to run", ("train", "evaluate", "inference", "export", "compare", "serve"))
     # --- model ------------------------------------------------------------------------------------
     model_name_or_path: str = _f("./Qwen3-1.7B", "local model folder, a .gguf file (converted once), or a hub name "
                                  "(hub only when online)")
@@ -151,6 +151,17 @@ class Config:
     output: str | None = _f(None, "batch inference: where to write the predictions (.jsonl)")
     max_input_chars: int = _f(8000, "REPL/batch: longer inputs are truncated with a note")
     export_dtype: str = _f("bfloat16", "export: dtype of the merged weights", ("bfloat16", "float16", "float32"))
+    # --- serve ------------------------------------------------------------------------------------
+    host: str = _f("127.0.0.1", "serve: address to listen on (0.0.0.0 for every interface; set api_key then)")
+    port: int = _f(8000, "serve: TCP port")
+    api_key: str | None = _f(None, "serve: clients must send Authorization: Bearer <api_key> (also read from the "
+                             "environment variable LORA_API_KEY when unset); null: no key")
+    max_queue: int = _f(64, "serve: requests waiting beyond the running batch; more get 503 with Retry-After")
+    request_timeout: float = _f(300.0, "serve: seconds a request may take, queueing included; then 504")
+    max_request_mb: float = _f(20.0, "serve: largest request body in MB (images travel base64 inside it); "
+                               "larger get 413")
+    image_folder: str | None = _f(None, "serve: a local folder whose images requests may name by path or file:// "
+                                  "URL; null refuses every path and remote URL (only data: URLs)")
     # --- misc -------------------------------------------------------------------------------------
     log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
     debug: bool = _f(False, "show full tracebacks for user errors")
@@ -205,7 +216,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 PATH_KEYS = ("model_name_or_path", "data_dir", "image_dir", "prompt_file", "label_map_file", "output_dir", "input",
-             "output", "resume_from_checkpoint")
+             "output", "resume_from_checkpoint", "image_folder")
 _SHORT = reprlib.Repr()  # values echoed in messages stay short, whatever the user passed
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 _HINTS = get_type_hints(Config)
@@ -337,6 +348,11 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
                 "gradient_accumulation_steps", "max_length", "max_new_tokens", "logging_steps", "save_steps",
                 "max_input_chars", "image_min_pixels", "image_max_pixels"):
         need(getattr(cfg, key) > 0, key, "must be > 0")
+    need(0 <= cfg.port <= 65535, "port", "must be in 0 .. 65535")
+    for key in ("max_queue", "request_timeout", "max_request_mb"):
+        need(getattr(cfg, key) > 0, key, "must be > 0")
+    need(cfg.image_folder is None or Path(cfg.image_folder).is_dir(), "image_folder", "is not a folder; name an "
+         "existing folder or null")
     need(cfg.learning_rate > 0, "learning_rate", "must be > 0 (LoRA usually 1e-4 to 1e-3)")
     need(cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

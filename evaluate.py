@@ -17,10 +17,11 @@ import re
 import time
 
 import distributed
+from answer_io import report_empty
 from config import Config, UserError
 from data_files import load_examples, stratified_subset
 from data_processing import Encoder, build_dataset
-from inference import answer_and_annotate, generate_batch, report_empty, vlm_constraint, vlm_label_map
+from generation import answer_and_annotate, generate_batch, vlm_constraint, vlm_label_map
 from metrics import (
     answer_loss_sums,
     calibration,

@@ -5,6 +5,7 @@
     python main.py --task inference  [--input FILE --output FILE.jsonl]
     python main.py --task export     (adapter merged into the base: output/<model>/merged/)
     python main.py --task compare    [--input FILE --output FILE.jsonl]   (base and fine-tuned side by side)
+    python main.py --task serve      [--host 127.0.0.1 --port 8000]       (OpenAI-compatible API and web page)
     accelerate launch main.py --task train          (several GPUs)
 
 Exit codes: 0 done, 2 a problem the user can fix (one message, no traceback unless --debug),
@@ -58,8 +59,15 @@ def _compare(cfg):
     return compare.run(cfg)
 
 
+def _serve(cfg):
+    import serve
+
+    return serve.run(cfg)
+
+
 # Imported lazily so that `--help` and config errors answer without loading torch.
-TASKS = {"train": _train, "evaluate": _evaluate, "inference": _inference, "export": _export, "compare": _compare}
+TASKS = {"train": _train, "evaluate": _evaluate, "inference": _inference, "export": _export, "compare": _compare,
+         "serve": _serve}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -117,7 +125,8 @@ def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(
         prog="main.py", allow_abbrev=False,
         usage="%(prog)s --task {" + ",".join(TASKS) + "} [--config FILE] [--KEY VALUE ...]",
-        description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference, export (merge), compare.",
+        description="LoRA fine-tuning for LLMs and VLMs: train, evaluate, inference, export (merge), compare, "
+                    "serve (OpenAI-compatible API).",
         epilog="Every config.yaml key is also a flag: --KEY VALUE (lists as a,b,c; null for none). "
                "Any other transformers TrainingArguments field passes through to the Trainer (--optim "
                "adamw_torch_fused --max_steps 50). Precedence: defaults < config file < flags.")

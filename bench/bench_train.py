@@ -174,7 +174,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
 
     from config import build_config
     from data_files import load_data_file
-    from inference import generate_batch
+    from generation import generate_batch
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.padding_side = "left"

@@ -43,7 +43,7 @@ def test_generation_stops_at_the_templates_end_of_turn(models, tmp_path):
 
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from inference import _generation_kwargs
+    from generation import generation_kwargs as _generation_kwargs
 
     path = tmp_path / "m"
     shutil.copytree(models("qwen3"), path)

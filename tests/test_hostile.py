@@ -313,7 +313,9 @@ def test_batch_output_checked_first_and_written_incrementally(models, tmp_path, 
     assert run_main("--task", "inference", *args, "--input", questions, "--output", tmp_path) == 2
     assert "is a folder" in capsys.readouterr().err and not loaded          # refused before the model loads
     monkeypatch.undo()
-    real = inference.generate_batch
+    import generation
+
+    real = generation.generate_batch
     calls = []
 
     def flaky(*a, **kw):
@@ -322,7 +324,7 @@ def test_batch_output_checked_first_and_written_incrementally(models, tmp_path, 
             raise RuntimeError("the machine fell over")
         return real(*a, **kw)
 
-    monkeypatch.setattr(inference, "generate_batch", flaky)
+    monkeypatch.setattr(generation, "generate_batch", flaky)
     out = tmp_path / "p.jsonl"
     with pytest.raises(RuntimeError):
         run_main("--task", "inference", *args, "--input", questions, "--output", out)

@@ -4,9 +4,9 @@ batch inference that scores itself, and a warning for empty answers."""
 import json
 import logging
 
+from answer_io import report_empty
 from config import build_config
 from conftest import ROOT, run_cli, run_main
-from inference import report_empty
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")
 

@@ -224,13 +224,13 @@ def test_vlm_repl_bad_then_good_path(vlm_demo, tmp_path):
 
 
 def test_vlm_folder_batch(vlm_demo, tmp_path, monkeypatch):
-    import inference
+    import generation
 
     _, args = vlm_demo
     out = tmp_path / "preds.jsonl"
     decoded = []
-    real = inference.load_image
-    monkeypatch.setattr(inference, "load_image", lambda path: decoded.append(path) or real(path))
+    real = generation.load_image
+    monkeypatch.setattr(generation, "load_image", lambda path: decoded.append(path) or real(path))
     assert run_main("--task", "inference", *args, "--input", ROOT / "data/vlm/images", "--output", out) == 0
     assert len(decoded) == len(set(decoded)) == 60       # each image decoded once, for the answer and its confidence
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -1,0 +1,134 @@
+"""Dynamic batching for `--task serve`: a bounded queue in front of one worker thread that owns the model.
+
+    python main.py --task serve        every chat completion is a Job in this queue
+
+Requests that arrive while a batch runs wait (up to max_queue of them; more are refused at once, and the
+server answers 503 with Retry-After); when the batch ends, the worker takes the oldest waiting request and
+every other waiting one with the same sampling settings and adapter state, up to per_device_eval_batch_size,
+into one generate() call. Each row still ends on its own (max_tokens, stop strings, deadline, a client that
+left). transformers' generate() cannot add rows to a running batch, so batches form between calls (no
+continuous batching; vLLM/SGLang do that, README: Serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from generation import ContextError, Engine, Row
+
+logger = logging.getLogger(__name__)
+_unique = itertools.count()
+
+
+@dataclass
+class Job:
+    row: Row
+    temperature: float
+    top_p: float
+    seed: int | None
+    adapter: bool
+    confidences: bool                   # VLM: compute field confidences after generation
+    explicit_max_tokens: bool           # the client set max_tokens (refused, not shortened, past the context)
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    notes: dict | None = None
+    error: BaseException | None = None
+    _key: tuple = field(default=())
+
+    def __post_init__(self):
+        # A seeded request runs alone, so its answer depends on its seed only (not on its batch neighbours).
+        seed = ("seed", next(_unique)) if self.seed is not None else None
+        self._key = (self.adapter, self.temperature, self.top_p if self.temperature > 0 else None, seed)
+
+    def resolve(self) -> None:
+        self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_result(self))
+
+
+class Scheduler:
+    """Owns the model: every generate() runs on its thread, one batch at a time."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_queue: int):
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.pending: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.running = 0
+        self.stopping = False
+        self.batches = self.served = self.cancelled = 0  # counters for /health
+        self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> bool:
+        """Queue the job; False when the queue is full (the caller answers 503)."""
+        with self.cond:
+            if self.stopping or len(self.pending) >= self.max_queue:
+                return False
+            self.pending.append(job)
+            self.cond.notify()
+            return True
+
+    def _take(self) -> list[Job] | None:
+        with self.cond:
+            while not self.pending and not self.stopping:
+                self.cond.wait()
+            if not self.pending:
+                return None
+            key = self.pending[0]._key
+            batch = [j for j in self.pending if j._key == key][:self.max_batch]
+            for j in batch:
+                self.pending.remove(j)
+            self.running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            finally:
+                self.running = 0
+                self.served += len(batch)
+                self.cancelled += sum(j.row.finish_reason == "cancelled" for j in batch)
+                for job in batch:
+                    job.resolve()
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live = []
+        for job in batch:  # requests whose client left, or whose time ran out, while they waited
+            if job.row.cancelled.is_set():
+                job.row.finish_reason = "cancelled"
+            elif now > job.row.deadline:
+                job.row.finish_reason = "timeout"
+            else:
+                try:
+                    self.engine.fit_context(job.row, job.explicit_max_tokens)
+                    live.append(job)
+                except ContextError as e:
+                    job.error = e
+        if not live:
+            return
+        first = live[0]
+        try:
+            self.engine.generate_rows([j.row for j in live], temperature=first.temperature, top_p=first.top_p,
+                                      seed=first.seed, adapter=first.adapter)
+            for job in live:
+                if job.confidences and job.row.finish_reason in ("stop", "length"):
+                    job.notes = self.engine.confidences(job.row, adapter=job.adapter)
+        except Exception as e:  # noqa: BLE001 - one failed batch answers its requests with 500, the server goes on
+            logger.exception("generation failed for a batch of %d", len(live))
+            for job in live:
+                job.error = e
+        self.batches += 1
