@@ -7,10 +7,13 @@ The merged folder (safetensors weights, config, tokenizer or processor, generati
 with plain transformers (`AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained`), no PEFT, and
 serves with vLLM, TGI or any other Hugging Face loader. The base is always reloaded unquantized: an adapter
 trained on a 4/8-bit base is merged into full-precision weights, never into dequantized 4-bit ones.
+A VLM export also writes response_schema.json (the label map's JSON schema) for clients of other servers
+(vLLM, SGLang) to pass as response_format, and the log gives the vLLM and SGLang commands (README: Serving).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -18,8 +21,10 @@ import torch
 
 from config import Config
 from data_processing import end_of_turn_ids
+from generation import vlm_label_map
 from model_config import adopt_training_settings, load_adapter, load_base, require_adapter
 from outputs import atomic_dir
+from structured import label_schema
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ def run(cfg: Config) -> int:
         logger.info("the base model is reloaded unquantized for the merge (the adapter was trained on a %s base); "
                     "the merged weights are %s", f"{cfg.train_quantization_bit}-bit" if cfg.train_quantization_bit
                     else "full-precision", cfg.export_dtype)
+    label_map = vlm_label_map(cfg)
+    warn_for_vllm(cfg)
     started = time.time()
     cfg.inference_quantization_bit = None  # merge into real weights, never into dequantized 4/8-bit ones
     model, processor = load_base(cfg, "inference")
@@ -51,8 +58,36 @@ def run(cfg: Config) -> int:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         cfg.save(tmp / "run_config.yaml")
+        if label_map is not None:
+            (tmp / "response_schema.json").write_text(json.dumps(label_schema(label_map), ensure_ascii=False,
+                                                                 indent=1), encoding="utf-8")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     logger.info("merged model (%s, %.0f MB of weights) written to %s in %.1f s; load it with %s.from_pretrained",
                 cfg.export_dtype, size, out, time.time() - started,
                 "AutoModelForImageTextToText" if cfg.model_type == "vlm" else "AutoModelForCausalLM")
+    logger.info("serve it with vLLM: vllm serve %s   or SGLang: python -m sglang.launch_server --model-path %s%s",
+                out, out, "" if label_map is None else
+                f"; constrain VLM answers with response_format json_schema from {out / 'response_schema.json'}")
     return 0
+
+
+# vLLM's accepted --max-lora-rank values (vllm/config/lora.py); its default is 16.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def warn_for_vllm(cfg: Config) -> list[str]:
+    """What vLLM refuses in this adapter, when served as a LoRA module (--enable-lora) rather than merged."""
+    saved = json.loads((cfg.lora_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    notes = []
+    if saved.get("modules_to_save"):
+        notes.append(f"the adapter trains whole modules ({', '.join(saved['modules_to_save'])[:80]}, e.g. an "
+                     "unfrozen vision tower), which vLLM's --enable-lora refuses: serve the merged folder instead")
+    rank = int(saved.get("r", 0))
+    if rank > 16:
+        fits = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+        notes.append(f"LoRA rank {rank} is above vLLM's default --max-lora-rank 16: " +
+                     (f"start vLLM with --max-lora-rank {fits}" if fits else
+                      f"vLLM allows at most {VLLM_LORA_RANKS[-1]}: serve the merged folder instead"))
+    for note in notes:
+        logger.warning("for vLLM: %s", note)
+    return notes

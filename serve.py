@@ -158,6 +158,15 @@ def _outcome(job: Job, timeout: float) -> None:
                        kind="server_error", code="timeout")
 
 
+def _content(job: Job, cfg: Config) -> str:
+    """The answer; a VLM answer's "confidence" is the one computed from the model's probabilities (as evaluate
+    writes it), unless keep_model_confidence."""
+    parsed = (job.notes or {}).get("parsed")
+    if parsed is None or cfg.keep_model_confidence or "confidence" not in parsed:
+        return job.row.text
+    return json.dumps(parsed, ensure_ascii=False)  # training's layout: ", " and ": ", keys in order
+
+
 def _usage(row: Row) -> dict:
     return {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
             "total_tokens": row.prompt_tokens + row.completion_tokens}
@@ -231,9 +240,10 @@ def build_app(service: Service):
             service.submit(job)
             await _wait(job, request)
             _outcome(job, cfg.request_timeout)
-            return completion(cid, model, job.row.text, _finish(job.row), _usage(job.row), job.notes)
+            return completion(cid, model, _content(job, cfg), _finish(job.row), _usage(job.row), job.notes)
         deltas: asyncio.Queue = asyncio.Queue()
-        job.row.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+        if not job.confidences:  # a VLM answer comes whole at the end, with its computed confidence written in
+            job.row.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
         service.submit(job)
 
         async def events():
@@ -252,6 +262,8 @@ def build_app(service: Service):
                 except ApiError as e:
                     yield {"data": json.dumps(e.body())}
                     return
+                if job.confidences:
+                    yield {"data": json.dumps(chunk(cid, model, {"content": _content(job, cfg)}), ensure_ascii=False)}
                 yield {"data": json.dumps(chunk(cid, model, {}, _finish(job.row), job.notes), ensure_ascii=False)}
                 if req.stream_options and req.stream_options.include_usage:
                     yield {"data": json.dumps(chunk(cid, model, {}, usage=_usage(job.row)))}

@@ -85,6 +85,25 @@ def test_export_of_a_vlm_matches_base_plus_adapter(models, tmp_path):
         a = with_adapter(**inputs).logits
         b = merged(**inputs).logits
     assert (a - b).abs().max().item() < 1e-4
+    from structured import label_schema
+
+    lm = json.loads((run_dir / "lora_model" / "label_map.json").read_text(encoding="utf-8"))
+    assert json.loads((run_dir / "merged" / "response_schema.json").read_text()) == label_schema(lm)
+
+
+def test_export_warns_what_vllm_refuses(tmp_path, caplog):
+    from config import build_config
+    from export import warn_for_vllm
+
+    cfg = build_config({"model_name_or_path": str(tmp_path / "m"), "output_dir": str(tmp_path / "out")}, "test")
+    cfg.lora_dir.mkdir(parents=True)
+    (cfg.lora_dir / "adapter_config.json").write_text(json.dumps({"r": 16, "modules_to_save": None}))
+    assert warn_for_vllm(cfg) == []
+    (cfg.lora_dir / "adapter_config.json").write_text(json.dumps({"r": 48, "modules_to_save": ["visual"]}))
+    notes = warn_for_vllm(cfg)
+    assert "vision tower" in notes[0] and "--max-lora-rank 64" in notes[1]
+    (cfg.lora_dir / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    assert "at most 512" in warn_for_vllm(cfg)[0]
 
 
 def test_compare_batch_one_load_both_answers(trained, tmp_path, caplog):

@@ -247,7 +247,8 @@ def test_sixteen_clients_twenty_requests_each(llm):
 
 def test_sigterm_drains_in_flight_and_exits_zero_and_api_key(llm):
     _, _, args, tmp = llm
-    server = Server([*args, "--max_new_tokens", "64"], tmp / "keyed.log", env={"LORA_API_KEY": "s3cret"})
+    server = Server([*args, "--max_new_tokens", "64", "--request_timeout", "2"], tmp / "keyed.log",
+                    env={"LORA_API_KEY": "s3cret"})
     try:
         assert httpx.get(server.url + "/health").status_code == 200          # health needs no key
         for path in ("/v1/models", "/v1/info"):
@@ -260,9 +261,15 @@ def test_sigterm_drains_in_flight_and_exits_zero_and_api_key(llm):
             server.client(api_key="wrong", max_retries=0).models.list()
         client = server.client(api_key="s3cret")
         assert len(client.models.list().data) == 2
+        # Past request_timeout: 504 in OpenAI's layout, and the row stops (2000 tokens take over 4 s here).
+        started = time.monotonic()
+        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer s3cret"}, timeout=120,
+                       json={"messages": [{"role": "user", "content": "写"}], "max_tokens": 2000, **LONG})
+        assert r.status_code == 504 and "request_timeout=2" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 4
         # A long stream in flight when SIGTERM arrives still ends with [DONE]; then the process exits 0.
         request = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "写"}], "stream": True,
-                   "max_tokens": 600, **LONG}
+                   "max_tokens": 100, **LONG}
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=request, timeout=120,
                           headers={"Authorization": "Bearer s3cret"}) as r:
             lines = r.iter_lines()
@@ -272,7 +279,31 @@ def test_sigterm_drains_in_flight_and_exits_zero_and_api_key(llm):
         assert rest[-1].strip() == "data: [DONE]" or [x for x in rest if x.strip()][-1].strip() == "data: [DONE]"
         chunks = [json.loads(x[5:]) for x in rest if x.startswith("data: {")]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"     # ran to its max_tokens, not cut off
-        assert sum(len(c["choices"][0]["delta"].get("content", "")) for c in chunks) > 300
+        assert sum(len(c["choices"][0]["delta"].get("content", "")) for c in chunks) > 50
         assert server.proc.wait(60) == 0
     finally:
         server.stop()
+
+
+def test_web_page_chat(llm):
+    import shutil
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run does it)")
+    from playwright.sync_api import sync_playwright
+    from test_serve_vlm import CHROMIUM_FLAGS
+
+    server, answers, _, _ = llm
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_selector("#chat:not([hidden])")
+        assert page.locator("#model option").all_inner_texts() == ["tiny-qwen3", "tiny-qwen3-base"]
+        page.fill("#prompt", TRAIN[0]["text"])
+        page.click("#send")
+        page.wait_for_function("document.querySelector('.msg.assistant') && "
+                               "document.querySelector('#send').disabled === false", timeout=60_000)
+        assert page.inner_text(".msg.assistant") == answers["tuned"][0]
+        browser.close()

@@ -129,6 +129,7 @@ async function inspect() {
   if (!file) return;
   $("answer").textContent = "";
   $("confidence").replaceChildren();
+  $("overall").textContent = "";
   $("preview").removeAttribute("src");
   const url = await readAsDataURL(file);
   const resp = await fetch("/v1/chat/completions", {
@@ -145,6 +146,8 @@ async function inspect() {
   try { shown = JSON.stringify(JSON.parse(shown), null, 2); } catch (e) { /* shown as the model wrote it */ }
   $("answer").textContent = shown;
   drawBars(choice.field_confidence);
+  $("overall").textContent = choice.confidence == null ? "" :
+    "overall confidence " + choice.confidence.toFixed(3) + " (product of the fields' probabilities)";
 }
 
 $("chat-form").addEventListener("submit", sendChat);
