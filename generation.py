@@ -91,7 +91,8 @@ def generate_batch(model, processor, examples: list[Example], cfg: Config, syste
         images = [load_image(e.image) for e in batch] if batch[0].image is not None else None
         inputs = encode_prompts(processor, batch, system, images).to(device)
         if constraint is not None:
-            kwargs["logits_processor"] = [constraint.logits_processor()]  # fresh matcher state per call
+            vocab = model.get_output_embeddings().weight.shape[0]  # fresh matcher state per call
+            kwargs["logits_processor"] = [GrammarProcessor([constraint.compiled] * len(batch), vocab)]
         out = model.generate(**inputs, streamer=streamer, **kwargs)
         new = out[:, inputs["input_ids"].shape[1]:]
         for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
@@ -241,11 +242,11 @@ class _RowControl:
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
-class _GrammarProcessor:
-    """xgrammar's token masks per row, skipping rows that have ended (xgrammar's own transformers processor
-    feeds every row the pad token of a finished row, which its grammar refuses)."""
+class GrammarProcessor:
+    """xgrammar's token masks, one grammar per row (None: unconstrained), skipping rows that `control` has
+    ended (xgrammar's own transformers processor would feed such a row's pad tokens to its grammar)."""
 
-    def __init__(self, grammars: list, control: _RowControl, vocab: int):
+    def __init__(self, grammars: list, vocab: int, control: _RowControl | None = None):
         import xgrammar as xgr
 
         self.xgr, self.control = xgr, control
@@ -254,7 +255,8 @@ class _GrammarProcessor:
         self.started = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        live = [i for i, m in enumerate(self.matchers) if m is not None and not self.control.done[i]]
+        done = self.control.done if self.control is not None else [False] * len(self.matchers)
+        live = [i for i, m in enumerate(self.matchers) if m is not None and not done[i]]
         if self.started:
             for i in live:
                 if not self.matchers[i].is_terminated():
@@ -332,7 +334,7 @@ class Engine:
                   "max_new_tokens": max(r.max_tokens for r in rows), "stopping_criteria": [control]}
         if any(r.constraint is not None for r in rows):
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            kwargs["logits_processor"] = [_GrammarProcessor([r.constraint for r in rows], control, vocab)]
+            kwargs["logits_processor"] = [GrammarProcessor([r.constraint for r in rows], vocab, control)]
         if seed is not None:
             torch.manual_seed(seed)
         if adapter or not self.has_adapter:

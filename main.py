@@ -106,7 +106,7 @@ def setup_logging(level: str) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
-    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes says at every start that an optional CPU kernel package is missing: nothing to act on.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -299,6 +299,20 @@ def _check_web() -> None:
         raise UserError(f"the web page is missing ({WEB / 'index.html'}); restore the repository's web/ folder")
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail before the model loads when the address cannot be listened on."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (or --host)") \
+            from None
+
+
 def run(cfg: Config) -> int:
     import uvicorn
 
@@ -306,6 +320,7 @@ def run(cfg: Config) -> int:
     system = system_prompt(cfg)
     label_map = vlm_label_map(cfg)
     _check_web()
+    _check_port(cfg.host, cfg.port)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get(API_KEY_ENV)):
         logger.warning("serving on %s without an API key: anyone who reaches this address can use the model "
                        "(set --api_key or %s)", cfg.host, API_KEY_ENV)
@@ -331,8 +346,5 @@ def run(cfg: Config) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         scheduler.stop()
-    if not server.started:
-        raise UserError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine); "
-                        "choose another --port or --host")
     logger.info("stopped after %d requests in %d batches", scheduler.served, scheduler.batches)
     return 0

@@ -6,9 +6,10 @@
 
 The JSON schema comes from label_map.json: one property per position (an enum of its map's values, with their
 JSON types), then the `defaults` keys typed by their default value, in the order training writes them.
-Generation is constrained to it with xgrammar (chosen by measurement: bench/bench_constrained.py). A field's
-confidence is the model's probability of the value it chose, normalised over the values the field allows:
-every allowed value is scored, by teacher forcing, from the point where the candidates diverge.
+Generation is constrained to it with xgrammar (chosen by measurement: bench/bench_constrained.py), applied by
+generation.GrammarProcessor. A field's confidence is the model's probability of the value it chose, normalised
+over the values the field allows: every allowed value is scored, by teacher forcing, from the point where the
+candidates diverge.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def parse_and_check(text: str, label_map: dict) -> dict | None:
 
 
 class SchemaConstraint:
-    """Builds a fresh xgrammar logits processor per generate call (it keeps per-sequence matcher state)."""
+    """The label map's schema compiled for this tokenizer (generation.GrammarProcessor applies it)."""
 
     def __init__(self, processor, model, label_map: dict):
         import xgrammar as xgr
@@ -85,10 +86,6 @@ class SchemaConstraint:
         # free whitespace lets an unsure model pad forever and never close the object.
         self.compiled = xgr.GrammarCompiler(info).compile_json_schema(
             json.dumps(label_schema(label_map)), any_whitespace=False, separators=(", ", ": "))
-        self._xgr = xgr
-
-    def logits_processor(self):
-        return self._xgr.contrib.hf.LogitsProcessor(self.compiled)
 
 
 # ----------------------------------------------------------------------------------------------------

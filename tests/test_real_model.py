@@ -115,3 +115,24 @@ def test_fine_tuning_generalises_beyond_the_base_model(smollm2, tmp_path):
     tuned = json.loads((run_dir / "eval_results.json").read_text())
     assert tuned["exact_match"] >= 0.5 and tuned["exact_match"] >= base["exact_match"] + 0.4, (base, tuned)
     assert tuned["eval_loss"] < base["eval_loss"] / 3
+    # Served: the same answers over the OpenAI API, fine-tuned and base, from one load, 4 clients at a time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import Server
+
+    server = Server(args, tmp_path / "serve.log")
+    try:
+        client = server.client()
+        for model, suffix in (("SmolLM2-135M-Instruct", ""), ("SmolLM2-135M-Instruct-base", "_original_model")):
+            rows = [json.loads(x) for x in (run_dir / f"eval_predictions{suffix}.jsonl").read_text().splitlines()]
+
+            def ask(row, model=model):
+                reply = client.chat.completions.create(model=model, max_tokens=40,
+                                                       messages=[{"role": "user", "content": row["text"]}])
+                return reply.choices[0].message.content
+
+            with ThreadPoolExecutor(4) as pool:
+                served = list(pool.map(ask, rows))
+            assert served == [r["prediction"] for r in rows], model
+    finally:
+        assert server.stop() == 0

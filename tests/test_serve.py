@@ -307,3 +307,21 @@ def test_web_page_chat(llm):
                                "document.querySelector('#send').disabled === false", timeout=60_000)
         assert page.inner_text(".msg.assistant") == answers["tuned"][0]
         browser.close()
+
+
+def test_busy_port_and_bad_image_folder_fail_before_the_model_loads(llm, tmp_path):
+    import socket
+
+    from conftest import run_cli
+
+    _, _, args, _ = llm
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        started = time.monotonic()
+        proc = run_cli("--task", "serve", *args, "--port", s.getsockname()[1], timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "cannot listen on 127.0.0.1:" in err and "choose another --port" in err
+    assert "loaded LoRA adapter" not in err and time.monotonic() - started < 60
+    proc = run_cli("--task", "serve", *args, "--image_folder", tmp_path / "nowhere", "--port", "0", timeout=120)
+    assert proc.returncode == 2 and "`image_folder`" in proc.stderr.decode()
