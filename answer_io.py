@@ -27,16 +27,22 @@ EXIT_WORDS = {"exit", "quit", ":q"}
 
 # ----------------------------------------------------------------------------------------------------
 # batch files
+def _lines(text: str) -> list[str]:
+    """Lines split at \n (and \r\n) only: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON
+    strings and prompts may hold."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_text_inputs(path: Path) -> list[Example]:
     """.txt: one prompt per line; .jsonl: one object per line; .json: an array of objects (or strings) with
     "text" (and optional "target"), or any training data format."""
     text = read_text(path, "input file")
     if path.suffix.lower() == ".txt":
-        lines = text.splitlines()
+        lines = _lines(text)
         return [Example(line.strip(), None, source=f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()]
     if path.suffix.lower() == ".jsonl":
         items = []
-        for i, line in enumerate(text.splitlines()):
+        for i, line in enumerate(_lines(text)):
             if line.strip():
                 try:
                     items.append(json.loads(line))
@@ -74,7 +80,7 @@ def _read_image_inputs(path: Path, instruction: str | None = None) -> list[Examp
                 if not isinstance(name, str) or not name.strip():
                     raise UserError(f"{path}: entry {i} is {json.dumps(name)[:60]}, not an image path (a string)")
         else:
-            names = [n.strip() for n in read_text(path, "image list").splitlines() if n.strip()]
+            names = [n.strip() for n in _lines(read_text(path, "image list")) if n.strip()]
         files = [p if p.is_absolute() else (path.parent / p if (path.parent / p).exists() else p)
                  for p in map(Path, names)]
     else:
@@ -97,6 +103,8 @@ def prepare_batch(cfg: Config) -> tuple[list[Example], Path]:
     """Read and check the inputs and the output path before any model loads."""
     path = Path(cfg.input)
     examples = _read_image_inputs(path, cfg.instruction) if cfg.model_type == "vlm" else _read_text_inputs(path)
+    if not examples:
+        raise UserError(f"--input {path} holds no inputs; give a file with at least one question (or image)")
     for e in examples:
         if len(e.prompt) > cfg.max_input_chars:
             logger.warning("%s: input longer than max_input_chars=%d, truncated", e.source, cfg.max_input_chars)

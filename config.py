@@ -430,6 +430,9 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
         cfg.target_modules = ["all-linear"]
     cfg.trainer_args = passthrough
+    if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
+        problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
+                        "steps, warmup_ratio is a share of all steps)")
     problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -75,7 +75,7 @@ def _records(path: Path) -> list:
     """A JSON array, or JSON Lines (one object per line)."""
     if path.suffix.lower() == ".jsonl":
         rows = []
-        for n, line in enumerate(read_text(path, "data file").splitlines(), 1):
+        for n, line in enumerate(read_text(path, "data file").split("\n"), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))

@@ -223,6 +223,7 @@ def answer_loss(model, processor, samples, batch_size: int, desc: str = "eval lo
     return total / count if count else float("nan")
 
 
+@torch.inference_mode()
 def answer_loss_sums(model, processor, samples, batch_size: int, desc: str = "eval loss") -> tuple[float, int]:
     """(summed loss over answer tokens, number of answer tokens): adds up across processes."""
     collate = Collator(processor)

@@ -31,6 +31,13 @@ ins{background:#d7f5d7;text-decoration:none}img.thumb{width:96px;height:auto;dis
 """
 
 
+def _script_json(data) -> str:
+    """JSON that is safe inside <script>: <, > and & as JSON escapes, so it parses as written (HTML escaping
+    would not be undone inside a script element) and no value can close the element."""
+    text = json.dumps(data, default=str, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
@@ -160,6 +167,6 @@ def write_report(path: Path, cfg: Config, results: dict, rows: list[dict]) -> No
               "document.body.dataset.rows=document.querySelectorAll('tr').length;});</script>")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body>{''.join(parts)}"
-           f"<script type='application/json' id='results'>{html.escape(json.dumps(results, default=str))}</script>"
+           f"<script type='application/json' id='results'>{_script_json(results)}</script>"
            f"{script}</body></html>")
     atomic_write_text(path, doc)

@@ -92,7 +92,7 @@ class SchemaConstraint:
 # confidence
 def _value_start(text: str, field: str) -> int | None:
     """Index in `text` where the value of "field" starts (after `"field":` and spaces)."""
-    key = json.dumps(field) + ":"
+    key = json.dumps(field, ensure_ascii=False) + ":"  # as training targets and the grammar write it: raw UTF-8
     at = text.find(key)
     if at < 0:
         return None
@@ -123,7 +123,8 @@ def field_confidences(model, processor, inputs: dict, answer: str, label_map: di
         values = list(dict.fromkeys(json.dumps(v, ensure_ascii=False) for v in pos["map"].values()))
         # The delimiter after the value makes the candidates prefix-free ("1" vs "10").
         after = answer[start:].lstrip()
-        rest = after[len(next((v for v in values if after.startswith(v)), "")):]
+        # The longest allowed value the answer starts with ("10", not "1", in "10, ...").
+        rest = after[len(max((v for v in values if after.startswith(v)), key=len, default="")):]
         tail = rest[:1] if rest[:1] in (",", "}") else ","
         seqs = [tok(answer[:start] + v + tail, add_special_tokens=False)["input_ids"] for v in values]
         common = 0

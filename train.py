@@ -213,6 +213,9 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
     if cfg.early_stopping_patience:  # the best checkpoint (by eval_loss unless told otherwise) becomes the adapter
         fields.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     # Every other TrainingArguments field the user set (optim, max_steps, report_to, ...) passes through as is.
+    if "warmup_steps" in cfg.trainer_args:
+        logger.info("warmup: %s optimizer steps (warmup_steps), in place of warmup_ratio",
+                    cfg.trainer_args["warmup_steps"])
     fields.update(cfg.trainer_args)
     return TrainingArguments(**fields)
 

@@ -1,0 +1,151 @@
+"""Reliability, round three: each test fails without the fix it names (issue: non-ASCII label maps, prefix
+values, line splitting, the report's embedded JSON, gradients in evaluate, warmup clashes, empty inputs)."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from config import UserError, build_config
+from conftest import ROOT, run_main, write_json
+from structured import field_confidences, with_confidence
+
+DEMO_VLM = str(ROOT / "configs" / "demo_vlm.yaml")
+CHINESE_MAP = {"mapping_type": "positional",
+               "positions": [{"field": "表面", "map": {"0": "正常", "1": "划痕"}},
+                             {"field": "等级", "map": {"0": "轻", "1": "重"}}],
+               "defaults": {"confidence": 1.0}}
+
+
+def _whole_sequence(model, tok, inputs, prefix, values, tail):
+    """Each candidate scored on its own, from the answer's start: the reference for field_confidences."""
+    totals = {}
+    for value in values:
+        ids = inputs["input_ids"][0].tolist() + tok(prefix + value + tail, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        start = inputs["input_ids"].shape[1]
+        totals[value] = sum(float(logp[t - 1, ids[t]]) for t in range(start, len(ids)))
+    norm = math.log(sum(math.exp(v) for v in totals.values()))
+    return {v: math.exp(x - norm) for v, x in totals.items()}
+
+
+@pytest.fixture(scope="module")
+def qwen3(models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(models("qwen3")).eval(),
+            AutoTokenizer.from_pretrained(models("qwen3")))
+
+
+def test_non_ascii_field_names_keep_their_confidence(qwen3):
+    model, tok = qwen3
+    inputs = tok(["检查这个零件"], return_tensors="pt")
+    answer = '{"表面": "划痕", "等级": "重", "confidence": 0.5}'
+    dists = field_confidences(model, tok, inputs, answer, CHINESE_MAP)
+    assert set(dists) == {"表面", "等级"}                       # was {}: the key was searched ASCII-escaped
+    ref = _whole_sequence(model, tok, inputs, '{"表面": ', ['"正常"', '"划痕"'], ",")
+    assert dists["表面"] == pytest.approx(ref, rel=1e-3)
+    parsed = json.loads(answer)
+    note = with_confidence(parsed, dists, keep_model_confidence=False)
+    assert note["confidence"] == pytest.approx(dists["表面"]['"划痕"'] * dists["等级"]['"重"'])
+    assert parsed["confidence"] == round(note["confidence"], 4)   # the model's 0.5 is replaced
+
+
+def test_prefix_values_score_the_longest_match(qwen3):
+    model, tok = qwen3
+    label_map = {"positions": [{"field": "n", "map": {"0": 1, "1": 10}}]}
+    inputs = tok(["数一数"], return_tensors="pt")
+    dists = field_confidences(model, tok, inputs, '{"n": 10}', label_map)
+    # The answer continues after 10 with "}", not with "0}" after 1: candidates end with "}".
+    assert dists["n"] == pytest.approx(_whole_sequence(model, tok, inputs, '{"n": ', ["1", "10"], "}"), rel=1e-3)
+
+
+def test_chinese_label_map_end_to_end(models, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    colours = {"0": (200, 200, 200), "1": (200, 60, 60)}
+    for code in ("00", "01", "10", "11"):
+        for i in range(5):
+            Image.new("RGB", (48 + 4 * i, 48), colours[code[0]]).save(images / f"{code}_{i}.png")
+    write_json(tmp_path / "label_map.json", CHINESE_MAP)
+    (tmp_path / "prompt.txt").write_text("检查零件表面，回答 JSON。", encoding="utf-8")
+    args = ["--config", DEMO_VLM, "--model_name_or_path", models("qwen3_vl"), "--image_dir", images,
+            "--label_map_file", tmp_path / "label_map.json", "--prompt_file", tmp_path / "prompt.txt",
+            "--output_dir", tmp_path / "out", "--image_max_pixels", "4096", "--num_train_epochs", "2",
+            "--save_strategy", "no"]
+    assert run_main("--task", "train", *args) == 0
+    assert run_main("--task", "evaluate", *args) == 0
+    run_dir = next((tmp_path / "out").iterdir())
+    res = json.loads((run_dir / "eval_results.json").read_text(encoding="utf-8"))
+    for field in ("表面", "等级"):
+        assert res["calibration"][field]["n"] == res["num_samples"]     # was 0
+    rows = [json.loads(x) for x in (run_dir / "eval_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in rows:
+        assert set(r["field_confidence"]) == {"表面", "等级"}
+        assert r["prediction"]["confidence"] == round(r["confidence"], 4)
+    html = (run_dir / "eval_report.html").read_text(encoding="utf-8")
+    embedded = re.search(r"<script type='application/json' id='results'>(.*?)</script>", html, re.S).group(1)
+    assert json.loads(embedded)["calibration"]["表面"]["n"] == res["num_samples"]   # parses as written
+    out = tmp_path / "preds.jsonl"
+    assert run_main("--task", "inference", *args, "--input", images, "--output", out) == 0
+    preds = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert all(set(p["field_confidence"]) == {"表面", "等级"} and p["confidence"] is not None for p in preds)
+
+
+def test_report_json_is_safe_inside_a_script_element():
+    from report import _script_json
+
+    data = {"raw": "</script><script>alert(1)</script> & <b>", "中文": "值"}
+    text = _script_json(data)
+    assert "</script>" not in text and "<b>" not in text and "&" not in text
+    assert json.loads(text) == data                 # html.escape'd JSON (&quot;) did not parse
+
+
+def test_lines_split_at_newline_only(tmp_path):
+    from answer_io import _read_text_inputs
+    from data_files import load_data_file
+
+    rows = [{"text": "第一行\u2028仍是第一行\u0085", "target": "好\u2029"}, {"text": "第二", "target": "是"}]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert [e.prompt for e in _read_text_inputs(jsonl)] == [rows[0]["text"], "第二"]
+    assert [e.target for e in load_data_file(jsonl)] == ["好\u2029", "是"]
+    txt = tmp_path / "q.txt"
+    txt.write_text("一\u2028二\n三\r\n", encoding="utf-8")
+    assert [e.prompt for e in _read_text_inputs(txt)] == ["一\u2028二", "三"]
+
+
+def test_eval_loss_runs_without_gradients(qwen3):
+    from data_files import Example
+    from data_processing import Encoder
+    from metrics import answer_loss_sums
+
+    model, tok = qwen3
+    cfg = build_config({"max_length": 64}, "test")
+    samples = [Encoder(tok, cfg)(Example("你好", "好"))]
+    seen = []
+    handle = model.register_forward_hook(lambda *a: seen.append(torch.is_grad_enabled()))
+    try:
+        total, count = answer_loss_sums(model, tok, samples, 1)
+    finally:
+        handle.remove()
+    assert seen == [False] and count > 0 and total > 0
+
+
+def test_warmup_ratio_and_steps_clash():
+    with pytest.raises(UserError, match="`warmup_ratio` and `warmup_steps` are both set"):
+        build_config({"warmup_ratio": 0.5}, "x.yaml", {"warmup_steps": "4"})
+    cfg = build_config({}, "x.yaml", {"warmup_steps": "4"})       # the ratio's default gives way, logged at train
+    assert cfg.trainer_args["warmup_steps"] == 4
+
+
+def test_compare_of_an_empty_input_file(models, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    code = run_main("--task", "compare", "--config", ROOT / "configs/demo_llm.yaml", "--model_name_or_path",
+                    models("qwen3"), "--output_dir", tmp_path / "out", "--input", empty)
+    assert code == 2 and "holds no inputs" in capsys.readouterr().err          # was KeyError: 'base'
