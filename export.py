@@ -23,7 +23,7 @@ from config import Config
 from data_processing import end_of_turn_ids
 from generation import vlm_label_map
 from model_config import adopt_training_settings, load_adapter, load_base, require_adapter
-from outputs import atomic_dir
+from outputs import atomic_dir, refuse_foreign, remove_stale_temporaries, run_lock
 from structured import label_schema
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,13 @@ def merged_dir(cfg: Config):
 
 def run(cfg: Config) -> int:
     require_adapter(cfg)
+    refuse_foreign(merged_dir(cfg))  # before the (slow) merge: a user's file there would be lost
+    with run_lock(cfg.run_dir, "export"):
+        remove_stale_temporaries(cfg.run_dir, of=merged_dir(cfg).name)
+        return _export(cfg)
+
+
+def _export(cfg: Config) -> int:
     adopt_training_settings(cfg)
     if cfg.train_quantization_bit or cfg.inference_quantization_bit:
         logger.info("the base model is reloaded unquantized for the merge (the adapter was trained on a %s base); "

@@ -56,16 +56,51 @@ def write_jsonl(path: str | Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+MANIFEST = ".written.json"  # in a folder atomic_dir wrote: the files it wrote, so a rewrite knows what is not its own
+_OWN_KINDS = (".json", ".safetensors", ".yaml", ".jinja", ".txt", ".model", ".md")  # folders from before the manifest
+
+
+def foreign_files(path: str | Path) -> list[str]:
+    """Files inside `path` that no task of this tool wrote (a user's .gguf beside the merged weights, say)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    try:
+        ours = set(json.loads((path / MANIFEST).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return [name for name in present if not name.endswith(_OWN_KINDS)]
+    return [name for name in present if name not in ours]
+
+
+def refuse_foreign(path: str | Path) -> None:
+    """Raise UserError when replacing `path` would delete files this tool did not write."""
+    from config import UserError
+
+    foreign = foreign_files(path)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(f"{path} holds files this tool did not write ({shown}); it replaces that folder whole, so "
+                        "move them elsewhere first (nothing was changed)")
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder; on success it replaces `path` whole (the old one is kept as a backup
-    until the swap is done), on failure it is removed and `path` stays as it was."""
+    until the swap is done), on failure it is removed and `path` stays as it was. Refused before anything is
+    written when `path` holds files this tool did not write; every file gets the user's umask modes."""
     path = Path(path)
+    refuse_foreign(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     _user_mode(tmp, directory=True)
     try:
         yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        for p in tmp.rglob("*"):  # safetensors and others write 0600 files; a serving account must read them
+            _user_mode(p, directory=p.is_dir())
+        (tmp / MANIFEST).write_text(json.dumps(written, ensure_ascii=False), encoding="utf-8")
+        _user_mode(tmp / MANIFEST, directory=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,12 +112,13 @@ def atomic_dir(path: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files and folders a killed run left (`.lora_model.x.tmp`, `.lora_model.old`); call with the
-    run folder's lock held, so no live run owns them."""
+def remove_stale_temporaries(run_dir: Path, of: str | None = None) -> None:
+    """Temporary files and folders a killed run left (`.lora_model.x.tmp`, `.lora_model.old`), only those of
+    the output named `of` when given (export: "merged"); call with the run folder's lock held, so no live run
+    owns them."""
     if not run_dir.is_dir():
         return
-    for path in run_dir.glob(".*"):
+    for path in run_dir.glob(f".{of}.*" if of else ".*"):
         if path.name.endswith((".tmp", ".old", ".tmp.png")) and path.name != ".lock":
             logger.info("removing %s, left by an interrupted run", path)
             if path.is_dir():

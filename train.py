@@ -40,6 +40,7 @@ from model_sources import resolve_model
 from outputs import (
     atomic_dir,
     peak_memory_mb,
+    refuse_foreign,
     remove_stale_temporaries,
     reset_peak_memory,
     run_lock,
@@ -335,6 +336,7 @@ def run(cfg: Config) -> int:
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
     _check_writable(cfg.run_dir)
+    refuse_foreign(cfg.lora_dir)  # now, not after training: the adapter folder is replaced whole at the end
     # Only the main process owns the run folder (accelerate/torchrun start one process per GPU).
     main_process = os.environ.get("RANK", "0") == "0"
     with run_lock(cfg.run_dir, "train") if main_process else contextlib.nullcontext():

@@ -149,3 +149,53 @@ def test_compare_of_an_empty_input_file(models, tmp_path, capsys):
     code = run_main("--task", "compare", "--config", ROOT / "configs/demo_llm.yaml", "--model_name_or_path",
                     models("qwen3"), "--output_dir", tmp_path / "out", "--input", empty)
     assert code == 2 and "holds no inputs" in capsys.readouterr().err          # was KeyError: 'base'
+
+
+@pytest.fixture(scope="module")
+def trained(models, tmp_path_factory):
+    from conftest import small_llm_data
+
+    tmp = tmp_path_factory.mktemp("rel3")
+    args = ["--config", ROOT / "configs/demo_llm.yaml", "--model_name_or_path", models("qwen3"), "--output_dir",
+            tmp / "out", "--data_dir", small_llm_data(tmp / "data"), "--num_train_epochs", "1", "--save_strategy",
+            "no", "--eval_strategy", "no"]
+    assert run_main("--task", "train", *args) == 0
+    return tmp, args
+
+
+def test_export_keeps_files_it_did_not_write_and_cleans_its_temporaries(trained, capsys):
+    import os
+
+    tmp, args = trained
+    run_dir = tmp / "out" / "tiny-qwen3"
+    stale = run_dir / ".merged.abc123.tmp"          # what a killed export leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        assert run_main("--task", "export", *args) == 0
+    finally:
+        os.umask(old)
+    assert not stale.exists()
+    merged = run_dir / "merged"
+    for f in [*merged.iterdir(), *(run_dir / "lora_model").iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o644, f            # was 0600 for the weights
+    (merged / "mine.gguf").write_bytes(b"user's file")
+    capsys.readouterr()
+    assert run_main("--task", "export", *args) == 2
+    err = capsys.readouterr().err
+    assert "holds files this tool did not write (mine.gguf)" in err
+    assert (merged / "mine.gguf").read_bytes() == b"user's file"
+    (merged / "mine.gguf").unlink()
+    assert run_main("--task", "export", *args) == 0              # its own files it replaces
+
+
+def test_no_task_writes_into_the_model_folder(trained, tmp_path):
+    tmp, _ = trained
+    merged = tmp / "out" / "tiny-qwen3" / "merged"
+    # An export of an export: run folder out/merged, model out/merged/merged, which export would replace.
+    with pytest.raises(UserError, match="inside the run folder"):
+        build_config({"model_name_or_path": str(tmp / "out" / "merged" / "merged"), "output_dir": str(tmp / "out")},
+                     "x.yaml")
+    with pytest.raises(UserError, match="inside the model folder"):
+        build_config({"model_name_or_path": str(merged), "output_dir": str(merged / "runs")}, "x.yaml")
