@@ -125,27 +125,50 @@ def _conversation(path: Path, i: int, turns, role_key: str, content_key: str) ->
             raise UserError(f"{where}, turn {j}: {content_key!r} must be non-empty text")
         if role == "system" and j != 0:
             raise UserError(f"{where}, turn {j}: a system turn may only come first")
+        if out and out[-1]["role"] == role:  # the chat template would drop or garble one of them
+            raise UserError(f"{where}, turn {j}: two {role} turns in a row; merge them into one turn")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in out):
         raise UserError(f"{where}: a training conversation needs a user turn and must end with an assistant turn")
     return out
 
 
+def _alpaca_history(path: Path, i: int, history) -> list[dict]:
+    """Alpaca's (LLaMA-Factory's) "history": earlier [instruction, response] pairs -> conversation turns."""
+    if history is None:
+        return []
+    if not isinstance(history, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)
+            for pair in history):
+        raise UserError(f"{path}: entry {i}: \"history\" must be a list of [instruction, response] pairs of text")
+    return [turn for q, a in history for turn in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+
+
 def _example(path: Path, i: int, item: dict, kind: str) -> Example:
     source = f"{path}[{i}]"
+    system = _text(path, i, item, "system", required=False) or None  # LLaMA-Factory's top-level system
     if kind == "text/target":
-        return Example(_text(path, i, item, "text"), _text(path, i, item, "target"), source=source)
+        return Example(_text(path, i, item, "text"), _text(path, i, item, "target"), source=source, system=system)
     if kind == "alpaca":
         prompt = _text(path, i, item, "instruction")
         extra = _text(path, i, item, "input", required=False)
         if extra and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-        return Example(prompt, _text(path, i, item, "output"), source=source,
-                       system=_text(path, i, item, "system", required=False) or None)
+        output = _text(path, i, item, "output")
+        history = _alpaca_history(path, i, item.get("history"))
+        if not history:
+            return Example(prompt, output, source=source, system=system)
+        turns = ([{"role": "system", "content": system}] if system else []) + history + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        return Example(prompt, output, source=source, system=system, messages=turns)
     if kind == "messages":
         turns = _conversation(path, i, item["messages"], "role", "content")
     else:
         turns = _conversation(path, i, item["conversations"], "from", "value")
+    if system is not None:
+        if turns[0]["role"] == "system":
+            raise UserError(f"{source}: has both a top-level \"system\" and a system turn; keep one")
+        turns = [{"role": "system", "content": system}, *turns]
     system = turns[0]["content"] if turns[0]["role"] == "system" else None
     last_user = next(t["content"] for t in reversed(turns) if t["role"] == "user")
     multi = sum(t["role"] == "assistant" for t in turns) > 1 or turns[-2]["role"] != "user"

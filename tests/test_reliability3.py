@@ -199,3 +199,40 @@ def test_no_task_writes_into_the_model_folder(trained, tmp_path):
                      "x.yaml")
     with pytest.raises(UserError, match="inside the model folder"):
         build_config({"model_name_or_path": str(merged), "output_dir": str(merged / "runs")}, "x.yaml")
+
+
+def test_conversations_refuse_two_turns_of_one_role(tmp_path):
+    from data_files import load_data_file
+
+    path = write_json(tmp_path / "train.json", [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}])
+    with pytest.raises(UserError, match=r"entry 0, turn 3: two user turns in a row; merge them"):
+        load_data_file(path)
+
+
+def test_llamafactory_system_and_history_fields_are_read(models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data_files import load_data_file
+    from data_processing import IGNORE_INDEX, Encoder
+
+    share = write_json(tmp_path / "s.json", [{"system": "你是客服。", "conversations": [
+        {"from": "human", "value": "你好"}, {"from": "gpt", "value": "您好"}]}])
+    (ex,) = load_data_file(share)
+    assert ex.system == "你是客服。"                                  # was dropped
+    both = write_json(tmp_path / "b.json", [{"system": "x", "messages": [
+        {"role": "system", "content": "y"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}])
+    with pytest.raises(UserError, match="both a top-level"):
+        load_data_file(both)
+    alpaca = write_json(tmp_path / "a.json", [{"instruction": "第二问", "input": "", "output": "第二答",
+                                              "history": [["第一问", "第一答"]]}])
+    (ex,) = load_data_file(alpaca)
+    assert [t["content"] for t in ex.messages] == ["第一问", "第一答", "第二问", "第二答"]
+    tok = AutoTokenizer.from_pretrained(models("qwen3"))
+    sample = Encoder(tok, build_config({"max_length": 256}, "test"))(ex)
+    trained = tok.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab != IGNORE_INDEX])
+    assert "第一答" in trained and "第二答" in trained and "第一问" not in trained   # both answers trained
+    bad = write_json(tmp_path / "bad.json", [{"instruction": "q", "output": "a", "history": ["q0"]}])
+    with pytest.raises(UserError, match="history"):
+        load_data_file(bad)
