@@ -46,7 +46,7 @@ from outputs import (
     run_lock,
     write_json,
 )
-from training_data import LengthGroupedSampler, augmentation, balance, use_grouping
+from training_data import LengthGroupedSampler, WeightedSampler, augmentation, balance, use_grouping
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,7 @@ class _LoraTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if getattr(dataset, "weights", None) is not None:  # balance: weighted
-            generator = torch.Generator().manual_seed(self.args.seed)
-            return torch.utils.data.WeightedRandomSampler(dataset.weights, len(dataset.weights), replacement=True,
-                                                          generator=generator)
+            return WeightedSampler(dataset.weights, seed=self.args.seed)
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             return LengthGroupedSampler(dataset.lengths,
                                         self.args.train_batch_size * self.args.gradient_accumulation_steps,

@@ -166,3 +166,24 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             longest = max(range(len(full)), key=lambda k: self.lengths[full[k][0]])
             full.insert(0, full.pop(longest))
         return iter([i for b in full + short for i in b])
+
+
+class WeightedSampler(torch.utils.data.Sampler):
+    """`balance: weighted`: len(weights) draws with replacement, each sample drawn with probability proportional to
+    its weight. Like LengthGroupedSampler the draws are a function of (seed, epoch) alone, so a resumed run
+    draws what the uninterrupted run drew (torch's WeightedRandomSampler keeps one generator running across
+    epochs, which a resumed process starts afresh)."""
+
+    def __init__(self, weights: list[float], seed: int = 0):
+        super().__init__()
+        self.weights, self.seed, self.epoch = torch.as_tensor(weights, dtype=torch.double), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist())

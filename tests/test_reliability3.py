@@ -236,3 +236,20 @@ def test_llamafactory_system_and_history_fields_are_read(models, tmp_path):
     bad = write_json(tmp_path / "bad.json", [{"instruction": "q", "output": "a", "history": ["q0"]}])
     with pytest.raises(UserError, match="history"):
         load_data_file(bad)
+
+
+def test_weighted_sampler_order_is_a_function_of_seed_and_epoch():
+    from training_data import WeightedSampler
+
+    weights = [1.0] * 30 + [5.0] * 10
+    first = WeightedSampler(weights, seed=3)
+    epochs = []
+    for epoch in range(3):
+        first.set_epoch(epoch)
+        epochs.append(list(first))
+    resumed = WeightedSampler(weights, seed=3)          # a resumed run: a new process, a new sampler
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]                  # WeightedRandomSampler drew epoch 0's order again
+    assert epochs[0] != epochs[1] and len(epochs[0]) == 40
+    heavy = sum(i >= 30 for e in epochs for i in e) / 120
+    assert 0.5 < heavy < 0.8                           # weight 50 of 80: 62.5% of the draws expected
