@@ -309,7 +309,7 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _check_trainer_args(passthrough: dict[str, Any]) -> list[str]:
+def _check_trainer_args(passthrough: dict[str, Any], lr_scheduler_type: str = "linear") -> list[str]:
     """Let TrainingArguments itself judge the passed-through fields; its message names the problem."""
     if not passthrough:
         return []
@@ -319,10 +319,24 @@ def _check_trainer_args(passthrough: dict[str, Any]) -> list[str]:
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **passthrough})
+            args = TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **passthrough})
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)}: {first}"]
+    problems = _check_optimizer(args, lr_scheduler_type) if {"optim", "optim_args", "lr_scheduler_kwargs"} & set(
+        passthrough) else []
+    if args.metric_for_best_model and args.metric_for_best_model.removeprefix("eval_") != "loss":
+        problems.append(f"`metric_for_best_model` = {args.metric_for_best_model!r}: evaluation during training "
+                        "reports only the validation loss; use loss (or leave it unset)")
+    if args.push_to_hub:
+        from huggingface_hub import constants, get_token
+
+        if constants.HF_HUB_OFFLINE:
+            problems.append("`push_to_hub`: the Hugging Face Hub is off (HF_HUB_OFFLINE is set); unset it and log "
+                            "in (hf auth login), or drop push_to_hub")
+        elif get_token() is None:
+            problems.append("`push_to_hub` needs a Hugging Face token: run hf auth login (or set HF_TOKEN), or "
+                            "drop push_to_hub")
     # The Trainer checks the trackers' packages only after the model has loaded: check them now.
     import importlib.util
 
@@ -331,9 +345,35 @@ def _check_trainer_args(passthrough: dict[str, Any]) -> list[str]:
     packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                 "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
                 "swanlab": ("swanlab",), "trackio": ("trackio",)}
-    return [f"`report_to` {name} needs the {packages[name][0]} package: pip install {packages[name][0]}"
-            for name in wanted if name in packages
-            and not any(importlib.util.find_spec(p) for p in packages[name])]
+    return problems + [f"`report_to` {name} needs the {packages[name][0]} package: pip install {packages[name][0]}"
+                       for name in wanted if name in packages
+                       and not any(importlib.util.find_spec(p) for p in packages[name])]
+
+
+def _check_optimizer(args, lr_scheduler_type: str) -> list[str]:
+    """Build the optimizer and the schedule once on a dummy parameter, so that a missing optimizer package or
+    a wrong lr_scheduler_kwargs fails now, not after the model has loaded."""
+    import torch
+    from transformers import Trainer, get_scheduler
+
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:
+        return [f"`optim` {getattr(args.optim, 'value', args.optim)}: {str(e).splitlines()[0][:200]}"]
+    except ValueError:
+        return []  # optimizers that need the model itself (LOMO, GaLore targets) are checked by the Trainer
+    try:
+        optimizer = cls([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+    except (TypeError, ValueError) as e:
+        name = getattr(args.optim, "value", args.optim)
+        return [f"`optim` {name} with `optim_args` {args.optim_args!r}: {str(e)[:200]}"]
+    try:
+        get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=1, num_training_steps=10,
+                      scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    except (TypeError, ValueError) as e:
+        return [f"`lr_scheduler_kwargs` {args.lr_scheduler_kwargs!r} do not fit lr_scheduler_type "
+                f"{lr_scheduler_type}: {str(e)[:200]}"]
+    return []
 
 
 def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
@@ -440,7 +480,7 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
         problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
                         "steps, warmup_ratio is a share of all steps)")
-    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough)
+    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough, cfg.lr_scheduler_type)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

@@ -253,3 +253,24 @@ def test_weighted_sampler_order_is_a_function_of_seed_and_epoch():
     assert epochs[0] != epochs[1] and len(epochs[0]) == 40
     heavy = sum(i >= 30 for e in epochs for i in e) / 120
     assert 0.5 < heavy < 0.8                           # weight 50 of 80: 62.5% of the draws expected
+
+
+@pytest.mark.parametrize("cli,fragment", [
+    ({"lr_scheduler_kwargs": '{"foo": 1}'}, "`lr_scheduler_kwargs` {'foo': 1} do not fit lr_scheduler_type cosine"),
+    ({"optim": "galore_adamw"}, "`optim` galore_adamw: You need to install `galore_torch`"),
+    ({"push_to_hub": "true"}, "`push_to_hub`: the Hugging Face Hub is off"),
+    ({"metric_for_best_model": "eval_accuracy"}, "reports only the validation loss"),
+])
+def test_trainer_options_fail_at_start_up_in_one_line(cli, fragment, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as e:
+        build_config({}, "x.yaml", cli)
+    assert fragment in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_valid_optimizer_options_pass():
+    cfg = build_config({}, "x.yaml", {"optim": "adafactor", "lr_scheduler_kwargs": "{}",
+                                      "metric_for_best_model": "loss"})
+    assert cfg.trainer_args["optim"] == "adafactor"
