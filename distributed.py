@@ -20,6 +20,8 @@ def world() -> tuple[int, int]:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+        if backend == "nccl":  # else every rank's all_gather_object tensors land on cuda:0
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 

@@ -29,6 +29,15 @@ logger = logging.getLogger("lora")
 _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
+def _disk_full(e: BaseException) -> bool:
+    """A full disk reported by a library as something other than OSError (safetensors: os error 28)."""
+    while e is not None:
+        if f"(os error {errno.ENOSPC})" in str(e) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _train(cfg):
     import train
 
@@ -194,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Exception as e:
+        if _disk_full(e):  # the safetensors writer raises a plain Exception from Rust: "(os error 28)"
+            if debug:
+                logger.exception("write failed")
+            print("error: could not write: no space left on the device. Files already complete (lora_model/, "
+                  "results) are written atomically and were left as they were; free space or choose another "
+                  "--output_dir", file=sys.stderr)
+            return 2
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(e, torch.OutOfMemoryError):
             raise

@@ -89,6 +89,13 @@ class _LoraTrainer(Trainer):
                                         seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Sequential always: transformers' length grouping for evaluation measures every sample's length by
+        # loading it, which re-encodes every VLM validation image at each evaluation.
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():

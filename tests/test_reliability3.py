@@ -274,3 +274,48 @@ def test_valid_optimizer_options_pass():
     cfg = build_config({}, "x.yaml", {"optim": "adafactor", "lr_scheduler_kwargs": "{}",
                                       "metric_for_best_model": "loss"})
     assert cfg.trainer_args["optim"] == "adafactor"
+
+
+def test_full_disk_from_the_safetensors_writer_is_one_line(monkeypatch, capsys):
+    import main
+
+    def full(cfg):
+        raise Exception("No space left on device (os error 28)")   # what safetensors' Rust writer raises
+
+    monkeypatch.setitem(main.TASKS, "train", full)
+    assert main.main(["--task", "train", "--config", str(ROOT / "configs/demo_llm.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write: no space left" in err and "Traceback" not in err
+
+
+def test_evaluation_during_training_keeps_its_order():
+    from train import _LoraTrainer
+
+    class Args:
+        world_size = 1
+        train_sampling_strategy = "group_by_length"
+
+    trainer = _LoraTrainer.__new__(_LoraTrainer)
+    trainer.args = Args()
+    sampler = trainer._get_eval_sampler(list(range(5)))
+    assert list(sampler) == [0, 1, 2, 3, 4] and type(sampler).__name__ == "SequentialSampler"
+
+
+def test_nccl_process_group_sets_each_process_device(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("device", d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("group", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed.world() == (1, 2)
+    assert calls == [("device", 1), ("group", "nccl")]
