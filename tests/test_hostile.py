@@ -424,30 +424,35 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
-def test_pickled_code_in_an_adapter_is_refused_by_name(models, tmp_path, capsys):
+def test_pickled_code_in_an_adapter_is_refused_by_name(models, tmp_path, capfd):
     args = _args(models("qwen3"), tmp_path)
     assert run_main("--task", "train", *args) == 0
     lora = tmp_path / "out" / "tiny-qwen3" / "lora_model"
     (lora / "adapter_model.safetensors").unlink()
     (lora / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    capfd.readouterr()
     assert run_main("--task", "evaluate", *args) == 2
-    err = capsys.readouterr().err
-    assert f"refused to load {lora / 'adapter_model.bin'}" in err and "weights_only" in err and "pwned" not in err
+    out, err = capfd.readouterr()          # os.system's child would write to file descriptor 1
+    assert f"refused to load {lora / 'adapter_model.bin'}" in err and "weights_only" in err
+    assert "pwned" not in out + err
 
 
-def test_pickled_code_in_a_model_folder_or_checkpoint_is_refused_by_name(models, tmp_path, capsys):
+def test_pickled_code_in_a_model_folder_or_checkpoint_is_refused_by_name(models, tmp_path, capfd):
     model = tmp_path / "evil-model"
     shutil.copytree(models("qwen3"), model)
     (model / "model.safetensors").unlink()
     (model / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
     assert run_main("--task", "evaluate", "--config", DEMO, "--model_name_or_path", model, "--output_dir",
                     tmp_path / "o", "--use_original_model") == 2
-    err = capsys.readouterr().err
+    out, err = capfd.readouterr()
     assert f"refused to load {model / 'pytorch_model.bin'}" in err and "Traceback" not in err
+    assert "pwned" not in out + err
     args = _args(models("qwen3"), tmp_path, save_strategy="epoch")
     assert run_main("--task", "train", *args) == 0
     ckpt = next((tmp_path / "out" / "tiny-qwen3").glob("checkpoint-*"))
     (ckpt / "rng_state.pth").write_bytes(pickle.dumps({"x": _Evil()}))
+    capfd.readouterr()
     assert run_main("--task", "train", *args, "--resume_from_checkpoint", "auto", "--num_train_epochs", "2") == 2
-    err = capsys.readouterr().err
-    assert "refused to load" in err and "rng_state.pth" in err and "pwned" not in err and "Traceback" not in err
+    out, err = capfd.readouterr()
+    assert "refused to load" in err and "rng_state.pth" in err and "Traceback" not in err
+    assert "pwned" not in out + err

@@ -61,8 +61,10 @@ def test_gguf_file_is_converted_once_and_cached(smollm2_wheel, tmp_path, caplog)
     assert "dequantized from Q4_1" in caplog.text and first in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert resolve_model(cfg) == first                            # the folder form finds it too
+        assert resolve_model(cfg) == first                            # a second run reuses the conversion
     assert "using the converted checkpoint" in caplog.text and "dequantizing" not in caplog.text
+    folder = build_config({"model_name_or_path": first}, "test")      # and the converted folder loads as is
+    assert resolve_model(folder) == first and folder.model_name == "SmolLM2-135M-Instruct.Q4_1-hf"
 
 
 def test_gguf_errors(tmp_path):

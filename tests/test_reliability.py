@@ -121,7 +121,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(models, tmp_path):
 
 
 def test_nan_loss_stops_with_a_message(models, tmp_path, monkeypatch, capsys):
-    import torch
     from transformers import Trainer
 
     real = Trainer.training_step
@@ -138,7 +137,6 @@ def test_nan_loss_stops_with_a_message(models, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "out" / "tiny-qwen3"
     assert "checkpoint-4" in err and (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (run_dir / "lora_model").exists()
-    assert torch.isfinite(torch.tensor(1.0))
 
 
 def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
