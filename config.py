@@ -309,20 +309,26 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _check_trainer_args(passthrough: dict[str, Any], lr_scheduler_type: str = "linear") -> list[str]:
-    """Let TrainingArguments itself judge the passed-through fields; its message names the problem."""
+def _check_trainer_args(passthrough: dict[str, Any], cfg: Config) -> list[str]:
+    """Let TrainingArguments itself judge the passed-through fields, together with this tool's own keys that
+    become TrainingArguments fields (a load_best_model_at_end check sees the strategies the run will use)."""
     if not passthrough:
         return []
     import tempfile
 
     from transformers import TrainingArguments
 
+    ours = {"save_strategy": cfg.save_strategy, "eval_strategy": cfg.eval_strategy, "save_steps": cfg.save_steps,
+            "eval_steps": cfg.save_steps if cfg.eval_strategy == "steps" else None}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            args = TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **passthrough})
+            args = TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **ours, **passthrough})
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)}: {first}"]
+        shown = ", ".join(f"{k}={v}" for k, v in ours.items() if k not in passthrough and v is not None)
+        return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)} (with this run's {shown}): "
+                f"{first}"]
+    lr_scheduler_type = cfg.lr_scheduler_type
     problems = _check_optimizer(args, lr_scheduler_type) if {"optim", "optim_args", "lr_scheduler_kwargs"} & set(
         passthrough) else []
     if args.metric_for_best_model and args.metric_for_best_model.removeprefix("eval_") != "loss":
@@ -480,7 +486,7 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
         problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
                         "steps, warmup_ratio is a share of all steps)")
-    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough, cfg.lr_scheduler_type)
+    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough, cfg)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

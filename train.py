@@ -318,6 +318,27 @@ def _sharding(cfg: Config) -> str | None:
     return None
 
 
+def _check_zero3_save(cfg: Config) -> None:
+    """ZeRO-3 must gather the 16-bit weights to save the adapter: without it the save fails after the whole run."""
+    stage, gather = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL")
+    where = "the accelerate config (deepspeed_config: zero3_save_16bit_model: true)"
+    ds = cfg.trainer_args.get("deepspeed")
+    if ds:
+        import json
+
+        try:
+            conf = ds if isinstance(ds, dict) else json.loads(Path(ds).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"`deepspeed` {ds}: not a readable DeepSpeed JSON config ({e})") from None
+        zero = conf.get("zero_optimization", {})
+        stage, gather = str(zero.get("stage", "")), str(zero.get("stage3_gather_16bit_weights_on_model_save", ""))
+        where = f"{ds} (zero_optimization: \"stage3_gather_16bit_weights_on_model_save\": true)"
+    if stage == "3" and gather.lower() != "true":
+        raise UserError(f"DeepSpeed ZeRO-3 without gathering 16-bit weights on save would fail to save the adapter "
+                        f"after the whole run; set it in {where}")
+
+
 def _check_sharding(cfg: Config) -> None:
     """4/8-bit bases train on one GPU or with DDP; FSDP and DeepSpeed shard 16-bit weights, on GPUs. On a CPU,
     accelerate runs DeepSpeed in a single process only (several would each train alone) and FSDP not at all."""
@@ -328,6 +349,8 @@ def _check_sharding(cfg: Config) -> None:
                             "process alone, or plain DDP); on a CPU drop it and run DDP (torchrun --nproc_per_node "
                             "N main.py --task train)")
         logger.warning("DeepSpeed on a CPU runs in this one process: it shards nothing and saves no memory here")
+    if sharded == "DeepSpeed":
+        _check_zero3_save(cfg)
     if sharded and cfg.train_quantization_bit:
         raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded} is not supported "
                         "here: 4/8-bit bases train on one GPU or with DDP (configs/accelerate/ddp.yaml). Set "

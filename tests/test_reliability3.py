@@ -319,3 +319,27 @@ def test_nccl_process_group_sets_each_process_device(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     assert distributed.world() == (1, 2)
     assert calls == [("device", 1), ("group", "nccl")]
+
+
+def test_load_best_model_at_end_sees_the_runs_own_strategies():
+    cfg = build_config({}, "x.yaml", {"load_best_model_at_end": "true"})    # defaults: epoch and epoch
+    assert cfg.trainer_args["load_best_model_at_end"] is True                  # was refused: "eval: no"
+    with pytest.raises(UserError, match=r"with this run's save_strategy=epoch, eval_strategy=no"):
+        build_config({"eval_strategy": "no"}, "x.yaml", {"load_best_model_at_end": "true"})
+
+
+def test_zero3_without_gathered_weights_fails_before_training(tmp_path, monkeypatch):
+    from train import _check_zero3_save
+
+    ds = write_json(tmp_path / "ds.json", {"zero_optimization": {"stage": 3}})
+    cfg = build_config({}, "x.yaml")
+    cfg.trainer_args = {"deepspeed": str(ds)}
+    with pytest.raises(UserError, match="stage3_gather_16bit_weights_on_model_save"):
+        _check_zero3_save(cfg)
+    write_json(ds, {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})
+    _check_zero3_save(cfg)
+    cfg.trainer_args = {}
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
+    with pytest.raises(UserError, match="zero3_save_16bit_model: true"):
+        _check_zero3_save(cfg)
