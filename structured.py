@@ -102,6 +102,15 @@ def _value_start(text: str, field: str) -> int | None:
     return at
 
 
+def _cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: `cache` in newer transformers 5 releases (which warn
+    about `past_key_values` once per call), `past_key_values` before."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 _ROWS_PER_PASS = 16  # candidate rows scored together; each holds a copy of the prompt's key/value cache
 
 
@@ -136,7 +145,8 @@ def field_confidences(model, processor, inputs: dict, answer: str, label_map: di
     prefill = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, use_cache=True,
                     logits_to_keep=1)
     first = torch.log_softmax(prefill.logits[0, -1].float(), dim=-1)  # the answer's first token
-    cache = prefill.past_key_values
+    cache = getattr(prefill, "cache", None) or getattr(prefill, "past_key_values", None)
+    cache_arg = _cache_argument(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     scores = []
     for at in range(0, len(rows), _ROWS_PER_PASS):
@@ -145,7 +155,7 @@ def field_confidences(model, processor, inputs: dict, answer: str, label_map: di
         shared.batch_repeat_interleave(len(group))
         width = max(len(s) for _, _, s, _ in group)
         ids = torch.tensor([s + [pad] * (width - len(s)) for _, _, s, _ in group], device=device)
-        logp = torch.log_softmax(model(input_ids=ids, past_key_values=shared).logits.float(), dim=-1)
+        logp = torch.log_softmax(model(input_ids=ids, **{cache_arg: shared}).logits.float(), dim=-1)
         for row, (_, _, s, common) in enumerate(group):
             scores.append(sum(float(first[s[0]] if t == 0 else logp[row, t - 1, s[t]]) for t in range(common, len(s))))
     out: dict[str, dict] = {}

@@ -343,3 +343,16 @@ def test_zero3_without_gathered_weights_fails_before_training(tmp_path, monkeypa
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
     with pytest.raises(UserError, match="zero3_save_16bit_model: true"):
         _check_zero3_save(cfg)
+
+
+def test_vlm_session_logs_no_library_deprecation(models, tmp_path):
+    from conftest import run_cli
+
+    args = ["--config", DEMO_VLM, "--model_name_or_path", models("qwen3_vl"), "--output_dir", tmp_path / "out",
+            "--num_train_epochs", "1", "--save_strategy", "no"]
+    assert run_main("--task", "train", *args) == 0
+    image = sorted((ROOT / "data/vlm/images").iterdir())[0]
+    proc = run_cli("--task", "inference", *args, stdin=f"{image}\n")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "field confidence" in proc.stdout.decode()
+    assert "deprecated" not in err and "FutureWarning" not in err, err[-1500:]   # was: past_key_values
