@@ -109,6 +109,27 @@ class _LoraTrainer(Trainer):
         return loss
 
 
+class _RisingValidationLoss(TrainerCallback):
+    """Says so, once, when the validation loss has risen `patience` evaluations in a row (over-fitting, most
+    often), naming the best evaluation so far and the settings that act on it."""
+
+    def __init__(self, patience: int = 2):
+        self.patience, self.history, self.warned = patience, [], False
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or self.warned:
+            return
+        self.history.append((state.epoch, loss))
+        recent = [x for _, x in self.history[-self.patience - 1:]]
+        if len(recent) == self.patience + 1 and all(b > a for a, b in zip(recent, recent[1:])):
+            best_epoch, best = min(self.history, key=lambda h: h[1])
+            self.warned = True
+            logger.warning("validation loss has risen %d evaluations in a row (best %.4f at epoch %.2f, now %.4f): "
+                           "the model may be over-fitting. Consider fewer epochs, early_stopping_patience: %d, or "
+                           "load_best_model_at_end: true", self.patience, best, best_epoch or 0, loss, self.patience)
+
+
 class _ProgressLog(TrainerCallback):
     """Logs each evaluation loss as one readable line (the progress bar shows the rest)."""
 
@@ -413,7 +434,7 @@ def _train(cfg: Config) -> int:
         eval_ds = None
     if eval_ds is None:
         args.eval_strategy = "no"
-    callbacks = [_ProgressLog(), _RecordIdentity(identity)]
+    callbacks = [_ProgressLog(), _RecordIdentity(identity), _RisingValidationLoss()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

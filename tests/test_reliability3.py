@@ -356,3 +356,18 @@ def test_vlm_session_logs_no_library_deprecation(models, tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 0 and "field confidence" in proc.stdout.decode()
     assert "deprecated" not in err and "FutureWarning" not in err, err[-1500:]   # was: past_key_values
+
+
+def test_rising_validation_loss_is_said_once(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from train import _RisingValidationLoss
+
+    callback = _RisingValidationLoss(patience=2)
+    with caplog.at_level(logging.WARNING):
+        for epoch, loss in enumerate([0.9, 0.5, 0.55, 0.5, 0.6, 0.7, 0.8], 1):
+            callback.on_evaluate(None, SimpleNamespace(epoch=float(epoch)), None, metrics={"eval_loss": loss})
+    warnings = [r.getMessage() for r in caplog.records if "validation loss has risen" in r.getMessage()]
+    assert len(warnings) == 1                                     # 0.5 -> 0.6 -> 0.7, said once, not again at 0.8
+    assert "best 0.5000 at epoch 2.00, now 0.7000" in warnings[0]
