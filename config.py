@@ -428,7 +428,8 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(model_dir != run_dir, "output_dir",
          f"outputs would go to {cfg.run_dir}, the model folder itself; use another folder, e.g. ./output")
     # No task writes into the base model's folder, nor replaces a run folder's output the model is loaded from.
-    need(model_dir == run_dir or not (run_dir.is_relative_to(model_dir) and model_dir.is_dir()), "output_dir",
+    need(model_dir == run_dir or not (run_dir.is_relative_to(model_dir) and (model_dir / "config.json").is_file()),
+         "output_dir",
          f"outputs would go to {cfg.run_dir}, inside the model folder {cfg.model_name_or_path}; use another folder")
     need(model_dir == run_dir or not model_dir.is_relative_to(run_dir), "model_name_or_path",
          f"{cfg.model_name_or_path} is inside the run folder {cfg.run_dir}, which this run writes; copy the model "

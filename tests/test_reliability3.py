@@ -192,13 +192,14 @@ def test_export_keeps_files_it_did_not_write_and_cleans_its_temporaries(trained,
 
 def test_no_task_writes_into_the_model_folder(trained, tmp_path):
     tmp, _ = trained
-    merged = tmp / "out" / "tiny-qwen3" / "merged"
     # An export of an export: run folder out/merged, model out/merged/merged, which export would replace.
     with pytest.raises(UserError, match="inside the run folder"):
         build_config({"model_name_or_path": str(tmp / "out" / "merged" / "merged"), "output_dir": str(tmp / "out")},
                      "x.yaml")
+    model = tmp_path / "model"
+    write_json(model / "config.json", {"model_type": "qwen3"})
     with pytest.raises(UserError, match="inside the model folder"):
-        build_config({"model_name_or_path": str(merged), "output_dir": str(merged / "runs")}, "x.yaml")
+        build_config({"model_name_or_path": str(model), "output_dir": str(model / "runs")}, "x.yaml")
 
 
 def test_conversations_refuse_two_turns_of_one_role(tmp_path):
