@@ -57,7 +57,8 @@ def write_jsonl(path: str | Path, rows) -> None:
 
 
 MANIFEST = ".written.json"  # in a folder atomic_dir wrote: the files it wrote, so a rewrite knows what is not its own
-_OWN_KINDS = (".json", ".safetensors", ".yaml", ".jinja", ".txt", ".model", ".md")  # folders from before the manifest
+# What this tool writes, for folders written before the manifest existed
+_OWN_KINDS = (".json", ".safetensors", ".bin", ".yaml", ".jinja", ".txt", ".model", ".md")
 
 
 def foreign_files(path: str | Path) -> list[str]:
