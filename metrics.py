@@ -11,6 +11,7 @@ VLM: per field accuracy, macro F1, per-class precision/recall/support and a conf
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from data_processing import IGNORE_INDEX, Collator
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,6 +140,8 @@ def plot_reliability(calib: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cjk_font()
+
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfectly calibrated")
     for field, c in calib.items():
@@ -152,13 +157,44 @@ def plot_reliability(calib: dict[str, dict], path: Path) -> None:
     _save_figure(fig, path)
 
 
+_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+              "SimHei", "Microsoft YaHei", "PingFang SC", "Hiragino Sans GB", "AR PL UMing CN")
+_missing_glyphs_said = False
+
+
+def cjk_font() -> str | None:
+    """An installed font with Chinese characters, put first in matplotlib's list (label maps may be Chinese)."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = next((name for name in _CJK_FONTS if name in installed), None)
+    if found and matplotlib.rcParams["font.sans-serif"][:1] != [found]:
+        matplotlib.rcParams["font.sans-serif"] = [found, *matplotlib.rcParams["font.sans-serif"]]
+    return found
+
+
 def _save_figure(fig, path: Path) -> None:
-    """Written under a temporary name and renamed: never a half-written PNG."""
+    """Written under a temporary name and renamed: never a half-written PNG. Characters no installed font has
+    (Chinese field names without a CJK font) are said once per run, not once per glyph and figure."""
+    import warnings
+
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    global _missing_glyphs_said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=r"Glyph \d+ .* missing from font")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+    for w in caught:
+        if "missing from font" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif not _missing_glyphs_said:
+            _missing_glyphs_said = True
+            logger.warning("the PNG plots show some label characters as boxes: no installed font has them. Install "
+                           "a CJK font (Debian/Ubuntu: apt-get install fonts-noto-cjk); the JSON results and the "
+                           "report's text are unaffected")
     plt.close(fig)
     tmp.replace(path)
 
@@ -169,6 +205,8 @@ def plot_loss_curves(log_history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    cjk_font()
 
     train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     val = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
@@ -196,6 +234,8 @@ def plot_confusion(name: str, m: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    cjk_font()
 
     labels, cm = m["labels"], m["confusion_matrix"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(labels)))

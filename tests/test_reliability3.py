@@ -372,3 +372,25 @@ def test_rising_validation_loss_is_said_once(caplog):
     warnings = [r.getMessage() for r in caplog.records if "validation loss has risen" in r.getMessage()]
     assert len(warnings) == 1                                     # 0.5 -> 0.6 -> 0.7, said once, not again at 0.8
     assert "best 0.5000 at epoch 2.00, now 0.7000" in warnings[0]
+
+
+def test_chinese_labels_in_plots_warn_once_not_per_glyph(tmp_path, caplog):
+    import logging
+    import warnings
+
+    import metrics
+
+    m = {"labels": ["正常", "划痕"], "confusion_matrix": [[3, 1], [0, 2]], "accuracy": 0.83}
+    monkey_said = metrics._missing_glyphs_said
+    metrics._missing_glyphs_said = False
+    try:
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+            warnings.simplefilter("always")
+            for i in range(3):
+                metrics.plot_confusion("表面", m, tmp_path / f"c{i}.png")
+    finally:
+        metrics._missing_glyphs_said = monkey_said
+    assert not [w for w in caught if "missing from font" in str(w.message)]    # was one per glyph and figure
+    said = [r for r in caplog.records if "label characters as boxes" in r.getMessage()]
+    assert len(said) == (0 if metrics.cjk_font() else 1)
+    assert (tmp_path / "c2.png").stat().st_size > 1000

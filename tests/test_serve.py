@@ -238,7 +238,9 @@ def test_sixteen_clients_twenty_requests_each(llm):
             t.join(300)
         rss.append(proc.memory_info().rss)
     assert not errors, errors[:3]
-    assert len(ok) + len(refused) == 2 * 16 * 20 and len(ok) >= 600
+    # 4 running + 8 waiting fit at once; the rest are refused with 503 and retried by the client (3 times,
+    # after Retry-After): most requests get through, the others end refused, none fails otherwise.
+    assert len(ok) + len(refused) == 2 * 16 * 20 and len(ok) >= 0.75 * 2 * 16 * 20
     after = server.health()
     served = after["served"] - health["served"]
     assert after["batches"] - health["batches"] < served / 2       # requests shared generate() calls
