@@ -125,7 +125,25 @@ def use_grouping(choice: str, lengths: list[int], batch: int) -> bool:
     return group
 
 
-class LengthGroupedSampler(torch.utils.data.Sampler):
+class _EpochSeeded(torch.utils.data.Sampler):
+    """A sampler whose order is a function of (seed, epoch) alone: a resumed run draws what the uninterrupted
+    run drew, and every process of a distributed run draws the same."""
+
+    def __init__(self, size: int, seed: int):
+        super().__init__()
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+
+class LengthGroupedSampler(_EpochSeeded):
     """Batches of samples of similar length, in random order: less padding without a length curriculum.
 
     The epoch is shuffled and cut into windows of `window` batches; each window is sorted by length and cut into
@@ -141,18 +159,11 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     distributed run draws the same order."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, window: int = _WINDOW):
-        super().__init__()
-        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size, self.window = list(lengths), batch_size, window
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = self.generator()
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         span = self.batch_size * self.window
         batches = []
@@ -168,22 +179,16 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter([i for b in full + short for i in b])
 
 
-class WeightedSampler(torch.utils.data.Sampler):
+class WeightedSampler(_EpochSeeded):
     """`balance: weighted`: len(weights) draws with replacement, each sample drawn with probability proportional to
     its weight. Like LengthGroupedSampler the draws are a function of (seed, epoch) alone, so a resumed run
     draws what the uninterrupted run drew (torch's WeightedRandomSampler keeps one generator running across
     epochs, which a resumed process starts afresh)."""
 
     def __init__(self, weights: list[float], seed: int = 0):
-        super().__init__()
-        self.weights, self.seed, self.epoch = torch.as_tensor(weights, dtype=torch.double), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.weights)
+        super().__init__(len(weights), seed)
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, len(self.weights), replacement=True,
+                                      generator=self.generator()).tolist())
