@@ -12,6 +12,7 @@ computation, so an answer served over HTTP is the answer `--task inference` writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -337,25 +338,19 @@ class Engine:
             kwargs["logits_processor"] = [GrammarProcessor([r.constraint for r in rows], vocab, control)]
         if seed is not None:
             torch.manual_seed(seed)
-        if adapter or not self.has_adapter:
+        with self._adapter(adapter):
             self.model.generate(**inputs, **kwargs)
-        else:
-            with self.model.disable_adapter():
-                self.model.generate(**inputs, **kwargs)
         for i, r in enumerate(rows):
             if not control.done[i]:  # generate ended before this row did (it cannot, but never lose a row)
                 control._finish(i, "length", control.last[i])
             r.text = strip_thinking(r.text)
 
+    def _adapter(self, on: bool):
+        """The adapter as the request names it: on, or switched off (the base model) for the call."""
+        return contextlib.nullcontext() if on or not self.has_adapter else self.model.disable_adapter()
+
     def confidences(self, row: Row, adapter: bool = True) -> dict:
-        """field_confidence and confidence of a VLM row's answer, as evaluate computes them."""
-        parsed = parse_json(row.text)
-        dists = {}
-        if parsed is not None and self.label_map is not None:
-            inputs = encode_prompts(self.processor, [row.example], self.system, [row.images])
-            if adapter or not self.has_adapter:
-                dists = field_confidences(self.model, self.processor, inputs, row.text, self.label_map)
-            else:
-                with self.model.disable_adapter():
-                    dists = field_confidences(self.model, self.processor, inputs, row.text, self.label_map)
-        return {"parsed": parsed, **with_confidence(parsed, dists, self.cfg.keep_model_confidence)}
+        """parsed, field_confidence and confidence of a VLM row's answer: annotate_vlm, as evaluate computes them."""
+        with self._adapter(adapter):
+            return annotate_vlm(self.model, self.processor, [row.example], [row.text], self.cfg, self.system,
+                                self.label_map, [row.images])[0]
