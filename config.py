@@ -151,6 +151,12 @@ class Config:
     output: str | None = _f(None, "batch inference: where to write the predictions (.jsonl)")
     max_input_chars: int = _f(8000, "REPL/batch: longer inputs are truncated with a note")
     export_dtype: str = _f("bfloat16", "export: dtype of the merged weights", ("bfloat16", "float16", "float32"))
+    export_format: str = _f("hf", "export: hf (merged Hugging Face folder), gguf (merged, for llama.cpp/Ollama) or "
+                            "gguf_lora (the adapter alone, for llama-server --lora)", ("hf", "gguf", "gguf_lora"))
+    gguf_type: str = _f("f16", "export gguf: f16, bf16, f32 or q8_0 (llama.cpp's converter); q4_k_m, q5_k_m, q6_k, "
+                        "q4_0 ... (llama.cpp's quantizer, needs llama-cpp-python)",
+                        ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m",
+                         "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"))
     # --- serve ------------------------------------------------------------------------------------
     host: str = _f("127.0.0.1", "serve: address to listen on (0.0.0.0 for every interface; set api_key then)")
     port: int = _f(8000, "serve: TCP port")

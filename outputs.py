@@ -113,6 +113,35 @@ def atomic_dir(path: str | Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside `path` for a writer (a converter subprocess, say) to fill; on success it
+    replaces `path` and is listed in the folder's manifest, on failure it is removed and `path` stays as it was.
+    Refused before anything is written when `path` exists and this tool did not write it."""
+    from config import UserError
+
+    path = Path(path)
+    if path.exists() and path.name in foreign_files(path.parent):
+        raise UserError(f"{path} exists and this tool did not write it; move it elsewhere first (nothing was "
+                        "changed)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _user_mode(tmp, directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = path.parent / MANIFEST
+    try:
+        ours = set(json.loads(manifest.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        ours = set()
+    atomic_write_text(manifest, json.dumps(sorted(ours | {path.name}), ensure_ascii=False))
+
+
 def remove_stale_temporaries(run_dir: Path, of: str | None = None) -> None:
     """Temporary files and folders a killed run left (`.lora_model.x.tmp`, `.lora_model.old`), only those of
     the output named `of` when given (export: "merged"); call with the run folder's lock held, so no live run

@@ -82,8 +82,12 @@ def build_tokenizer(corpus: list[str], special: list[str], vocab_size: int = 120
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def build(arch: str, path: str | Path, corpus: list[str] | None = None, hidden: int = 128, layers: int = 2) -> Path:
-    """Build a tiny `arch` model with random weights and save model + tokenizer/processor to `path`."""
+def build(arch: str, path: str | Path, corpus: list[str] | None = None, hidden: int = 128, layers: int = 2,
+          tokenizer_from: str | Path | None = None) -> Path:
+    """Build a tiny `arch` model with random weights and save model + tokenizer/processor to `path`.
+
+    `tokenizer_from`: a real checkpoint whose tokenizer to reuse (with the chat and vision tokens added) instead
+    of training one, for tools that only accept tokenizers they know (llama.cpp's GGUF converter)."""
     import torch
     import transformers as tf
 
@@ -94,7 +98,11 @@ def build(arch: str, path: str | Path, corpus: list[str] | None = None, hidden: 
     corpus = corpus if corpus is not None else default_corpus()
     chat = arch in ("qwen3", "qwen3_vl")
     special = CHAT_TOKENS + (VISION_TOKENS if arch == "qwen3_vl" else [])
-    tokenizer = build_tokenizer(corpus, special if chat else ["<|endoftext|>"])
+    if tokenizer_from is not None:
+        tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_from)
+        tokenizer.add_special_tokens({"additional_special_tokens": special if chat else ["<|endoftext|>"]})
+    else:
+        tokenizer = build_tokenizer(corpus, special if chat else ["<|endoftext|>"])
     vocab = len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>" if chat else "<|endoftext|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -180,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokenizer_from", help="reuse this checkpoint's tokenizer instead of training one")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    build(args.arch, args.path, hidden=args.hidden, layers=args.layers)
+    build(args.arch, args.path, hidden=args.hidden, layers=args.layers, tokenizer_from=args.tokenizer_from)
     return 0
 
 

