@@ -25,7 +25,7 @@ import torch
 from config import Config
 from data_processing import end_of_turn_ids
 from generation import vlm_label_map
-from model_config import adopt_training_settings, load_adapter, load_base, require_adapter
+from model_config import adopt_training_settings, load_adapter, load_base, load_processor, require_adapter
 from outputs import MANIFEST, atomic_dir, refuse_foreign, remove_stale_temporaries, run_lock
 from structured import label_schema
 
@@ -59,14 +59,14 @@ def _export_gguf(cfg: Config) -> int:
     with run_lock(cfg.run_dir, "export"):
         if cfg.export_format == "gguf_lora":
             files = gguf_export.export_lora(cfg, base)
-            processor = _processor(cfg, base)
+            processor = load_processor(cfg, str(base), "inference")
         else:
             merged = merged_dir(cfg)
             adapter_time = max(f.stat().st_mtime for f in cfg.lora_dir.iterdir() if f.is_file())
             if (merged / MANIFEST).is_file() and (merged / MANIFEST).stat().st_mtime >= adapter_time:
                 logger.info("converting the merged model %s (written after the adapter; --task export "
                             "--export_format hf writes it again)", merged)
-                processor = _processor(cfg, merged)
+                processor = load_processor(cfg, str(merged), "inference")
             else:
                 refuse_foreign(merged)
                 remove_stale_temporaries(cfg.run_dir, of=merged.name)
@@ -75,12 +75,6 @@ def _export_gguf(cfg: Config) -> int:
     for command in gguf_export.serve_commands(cfg, files, processor):
         logger.info("serve it: %s", command)
     return 0
-
-
-def _processor(cfg: Config, folder: Path):
-    from transformers import AutoProcessor, AutoTokenizer
-
-    return (AutoProcessor if cfg.model_type == "vlm" else AutoTokenizer).from_pretrained(folder)
 
 
 def merge(cfg: Config):

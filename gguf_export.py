@@ -86,14 +86,19 @@ def converter_dir() -> Path:
     return target
 
 
-def _run_converter(script: str, args: list[str], what: str) -> None:
-    """Run one of llama.cpp's converter scripts; its last error line becomes a UserError."""
+def _converter(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run one of llama.cpp's converter scripts with the gguf-py it was released with."""
     tools = converter_dir()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tools / "gguf-py"),
                                                                      os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, str(tools / script), *args]
     logger.debug("running %s", shlex.join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def _run_converter(script: str, args: list[str], what: str) -> None:
+    """Run a converter script; its last error line becomes a UserError."""
+    proc = _converter(script, args)
     if proc.returncode == 0:
         return
     lines = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.strip()]
@@ -112,10 +117,7 @@ def _run_converter(script: str, args: list[str], what: str) -> None:
 @lru_cache(maxsize=1)
 def supported_architectures() -> dict[str, set[str]]:
     """{"TEXT": {...}, "MMPROJ": {...}}: the architectures the pinned converter writes."""
-    tools = converter_dir()
-    env = dict(os.environ, PYTHONPATH=str(tools / "gguf-py"))
-    proc = subprocess.run([sys.executable, str(tools / "convert_hf_to_gguf.py"), "--print-supported-models"],
-                          capture_output=True, text=True, env=env)
+    proc = _converter("convert_hf_to_gguf.py", ["--print-supported-models"])
     found: dict[str, set[str]] = {"TEXT": set(), "MMPROJ": set()}
     section = None
     for line in (proc.stdout + "\n" + proc.stderr).splitlines():  # the list goes to its log (stderr)
@@ -124,8 +126,8 @@ def supported_architectures() -> dict[str, set[str]]:
         elif line.strip().startswith("- ") and section in found:
             found[section].add(line.strip()[2:])
     if not found["TEXT"]:
-        raise UserError(f"llama.cpp's converter at {tools} does not run ({(proc.stderr or proc.stdout)[-300:]}); "
-                        f"delete {tools} and export again")
+        raise UserError(f"llama.cpp's converter at {converter_dir()} does not run "
+                        f"({(proc.stderr or proc.stdout)[-300:]}); delete that folder and export again")
     return found
 
 
@@ -167,11 +169,17 @@ def check(cfg: Config, base: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # writing
+def _gguf_dir_cleaned(cfg: Config) -> Path:
+    """gguf/, without what a killed export left (its temporaries, a check's vocabulary folder); lock held."""
+    out = gguf_dir(cfg)
+    remove_stale_temporaries(cfg.run_dir, of=out.name)
+    remove_stale_temporaries(out)
+    return out
+
+
 def export_merged(cfg: Config, merged: Path, processor) -> list[Path]:
     """The merged model as <model>-<type>.gguf (and the VLM's mmproj), plus an Ollama Modelfile."""
-    out = gguf_dir(cfg)
-    remove_stale_temporaries(cfg.run_dir, of=out.name)  # a killed check's folder
-    remove_stale_temporaries(out)
+    out = _gguf_dir_cleaned(cfg)
     target = out / f"{cfg.model_name}-{cfg.gguf_type}.gguf"
     written = [_convert_model(merged, target, cfg.gguf_type, f"the merged model {merged}")]
     if cfg.model_type == "vlm":
@@ -189,9 +197,7 @@ def export_merged(cfg: Config, merged: Path, processor) -> list[Path]:
 
 def export_lora(cfg: Config, base: Path) -> list[Path]:
     """The adapter alone as a GGUF LoRA, and the base it applies to (converted once) for llama-server --lora."""
-    out = gguf_dir(cfg)
-    remove_stale_temporaries(cfg.run_dir, of=out.name)
-    remove_stale_temporaries(out)
+    out = _gguf_dir_cleaned(cfg)
     lora = out / f"{cfg.model_name}-lora-{cfg.gguf_type}.gguf"
     with atomic_file(lora) as tmp:
         _run_converter("convert_lora_to_gguf.py", ["--base", str(base), "--outtype", cfg.gguf_type,

@@ -102,7 +102,8 @@ def quantization_config(bits: int | None, dtype: torch.dtype, cfg: Config):
 
 # ----------------------------------------------------------------------------------------------------
 # loading
-def _load_processor(cfg: Config, source: str, purpose: str):
+def load_processor(cfg: Config, source: str, purpose: str):
+    """The tokenizer (LLM) or processor (VLM) of `source`, set up as `purpose` ('train' or 'inference') uses it."""
     from transformers import AutoProcessor, AutoTokenizer
 
     kwargs = dict(trust_remote_code=cfg.trust_remote_code)
@@ -192,7 +193,7 @@ def load_base(cfg: Config, purpose: str):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        processor = _load_processor(cfg, source, purpose)
+        processor = load_processor(cfg, source, purpose)
         model = auto_class.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError as e:
         raise UserError(refused_pickle(source, e)) from None
