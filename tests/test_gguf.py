@@ -139,6 +139,11 @@ def test_modelfile_template_is_the_training_template(smollm2, tmp_path):
     text = ollama_modelfile(cfg, tok, "SmolLM2-135M-Instruct-f16.gguf")
     assert "FROM ./SmolLM2-135M-Instruct-f16.gguf\n" in text and 'SYSTEM """Be brief."""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0" in text
+    assert "PARAMETER repeat_penalty 1\n" in text            # Ollama's default 1.1 changes greedy answers
+    from gguf_export import serve_commands
+
+    server = serve_commands(cfg, [Path("out/m-f16.gguf")], tok)[0]
+    assert server == "llama-server -m out/m-f16.gguf --jinja --repeat-penalty 1 --port 8080"   # no thinking kwargs
 
 
 @needs_llama_cpp
