@@ -8,6 +8,7 @@ Every key is also a flag (``--lora_r 16``; lists as ``a,b,c``; ``null`` for none
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -327,12 +328,15 @@ def _check_trainer_args(passthrough: dict[str, Any], cfg: Config) -> list[str]:
     ours = {"save_strategy": cfg.save_strategy, "eval_strategy": cfg.eval_strategy, "save_steps": cfg.save_steps,
             "eval_steps": cfg.save_steps if cfg.eval_strategy == "steps" else None}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _outside_process_group():
             args = TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **ours, **passthrough})
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         shown = ", ".join(f"{k}={v}" for k, v in ours.items() if k not in passthrough and v is not None)
-        return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in passthrough)} (with this run's {shown}): "
+        # Blame the keys the message names (by name or value), else all of them.
+        blamed = [k for k, v in passthrough.items() if k in first or (
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) in first)] or list(passthrough)
+        return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in blamed)} (with this run's {shown}): "
                 f"{first}"]
     lr_scheduler_type = cfg.lr_scheduler_type
     problems = _check_optimizer(args, lr_scheduler_type) if {"optim", "optim_args", "lr_scheduler_kwargs"} & set(
@@ -360,6 +364,25 @@ def _check_trainer_args(passthrough: dict[str, Any], cfg: Config) -> list[str]:
     return problems + [f"`report_to` {name} needs the {packages[name][0]} package: pip install {packages[name][0]}"
                        for name in wanted if name in packages
                        and not any(importlib.util.find_spec(p) for p in packages[name])]
+
+
+_LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _outside_process_group():
+    """Building TrainingArguments sets up accelerate's process state: under torchrun or accelerate launch a mere
+    check would join the process group (or half-join it and poison the run's own setup). Check as one plain
+    process, then forget that state so the run builds its own."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if k in _LAUNCHER_VARIABLES or k.startswith("ACCELERATE_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _check_optimizer(args, lr_scheduler_type: str) -> list[str]:
@@ -423,6 +446,8 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
          "must be > 0 or null")
     need(cfg.early_stopping_patience is None or (cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy),
          "early_stopping_patience", "needs eval_strategy and save_strategy set alike (epoch or steps), not no")
+    need(not cfg.early_stopping_patience or cfg.trainer_args.get("load_best_model_at_end") is not False,
+         "early_stopping_patience", "keeps the best checkpoint as the adapter; drop load_best_model_at_end: false")
     need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
     need(0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
     need(cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
@@ -444,9 +469,10 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
 
 
 def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = None,
-                 problems: list[str] | None = None) -> Config:
+                 problems: list[str] | None = None, library_checks: bool = True) -> Config:
     """Merge defaults < raw (from `source`) < cli, convert and validate; raise one UserError listing all problems
-    (`problems` found earlier, e.g. unknown flags, are reported in the same message)."""
+    (`problems` found earlier, e.g. unknown flags, are reported in the same message). `library_checks=False`
+    takes every key that is not ours as a TrainingArguments field unchecked, without importing transformers."""
     problems = list(problems or [])
     values: dict[str, Any] = {}
     passthrough: dict[str, Any] = {}
@@ -457,7 +483,7 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
                 passthrough.update(value)
                 continue
             if key not in FIELDS:
-                if key in trainer_fields():
+                if not library_checks or key in trainer_fields():
                     passthrough[key] = _scalar(value) if from_cli else value
                     continue
                 flag = f"--{key}" if from_cli else f"`{key}`"
@@ -493,7 +519,7 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
         problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
                         "steps, warmup_ratio is a share of all steps)")
-    problems += _check_ranges(cfg, failed) + _check_trainer_args(passthrough, cfg)
+    problems += _check_ranges(cfg, failed) + (_check_trainer_args(passthrough, cfg) if library_checks else [])
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg

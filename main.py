@@ -15,11 +15,15 @@ Exit codes: 0 done, 2 a problem the user can fix (one message, no traceback unle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import distributed
 from config import FIELDS, UserError, add_flags, build_config, read_yaml
@@ -130,7 +134,7 @@ def setup_logging(level: str) -> None:
         per_matmul.addFilter(_OncePerRun())
 
 
-def parse(argv: list[str] | None):
+def parse(argv: list[str] | None, library_checks: bool = True):
     parser = argparse.ArgumentParser(
         prog="main.py", allow_abbrev=False,
         usage="%(prog)s --task {" + ",".join(TASKS) + "} [--config FILE] [--KEY VALUE ...]",
@@ -164,7 +168,7 @@ def parse(argv: list[str] | None):
         cli["task"] = args.task
     config_path = args.config or "config.yaml"
     raw = read_yaml(config_path, required=args.config is not None)
-    cfg = build_config(raw, config_path, cli, problems)
+    cfg = build_config(raw, config_path, cli, problems, library_checks)
     if not cfg.task:
         raise UserError("no task given: add --task " + ", --task ".join(TASKS))
     return cfg
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
         setup_logging(cfg.log_level)
+        if _SPARED:
+            logger.debug("not imported (this run cannot use them): %s", ", ".join(_SPARED))
         logger.info("%s", cfg.summary())
         logger.debug("resolved configuration:\n%s", "\n".join(f"  {k}: {v!r}" for k, v in cfg.relevant().items()))
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -222,5 +228,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def unused_libraries(cfg) -> list[str]:
+    """Installed optional libraries this run cannot use. transformers imports bitsandbytes, and datasets with
+    pandas and pyarrow, whenever they are installed: about a second of every start on a CPU. A run that
+    quantizes nothing (no 4/8-bit key, no 8-bit or paged optimizer, a base model without a quantization_config)
+    and reads no hub dataset goes without them. Unknown cases (a hub name, a .gguf) keep them."""
+    unused = []
+    optim = str(cfg.trainer_args.get("optim", ""))
+    config_file = Path(cfg.model_name_or_path) / "config.json"
+    try:
+        quantized_base = "quantization_config" in json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        quantized_base = True
+    if not (cfg.train_quantization_bit or cfg.inference_quantization_bit or quantized_base
+            or any(word in optim for word in ("bnb", "8bit", "paged"))):
+        unused.append("bitsandbytes")
+    if not cfg.dataset_name:
+        unused.append("datasets")
+    return unused
+
+
+def _spare_unused_imports(argv: list[str]) -> None:
+    """For a command-line run only (a process of its own): in a notebook or a test the libraries may be needed
+    later in the same process. LORA_IMPORT_ALL=1 turns this off."""
+    if os.environ.get("LORA_IMPORT_ALL") == "1" or {"-h", "--help"} & set(argv):
+        return
+    try:  # silent: the real parse below reports any problem
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            cfg = parse(argv, library_checks=False)
+    except (UserError, SystemExit):
+        return
+    for name in unused_libraries(cfg):
+        if name not in sys.modules:
+            sys.modules[name] = None  # `import name` raises ImportError; find_spec says "not installed"
+            _SPARED.append(name)
+
+
+_SPARED: list[str] = []  # what _spare_unused_imports left out, logged once logging is set up
+
+
 if __name__ == "__main__":
+    _spare_unused_imports(sys.argv[1:])
     sys.exit(main())

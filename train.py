@@ -125,9 +125,25 @@ class _RisingValidationLoss(TrainerCallback):
         if len(recent) == self.patience + 1 and all(b > a for a, b in zip(recent, recent[1:])):
             best_epoch, best = min(self.history, key=lambda h: h[1])
             self.warned = True
+            advice = ("The best checkpoint by validation loss becomes the adapter (load_best_model_at_end)"
+                      if getattr(args, "load_best_model_at_end", False) else
+                      f"Consider fewer epochs, early_stopping_patience: {self.patience}, or load_best_model_at_end: "
+                      "true")
             logger.warning("validation loss has risen %d evaluations in a row (best %.4f at epoch %.2f, now %.4f): "
-                           "the model may be over-fitting. Consider fewer epochs, early_stopping_patience: %d, or "
-                           "load_best_model_at_end: true", self.patience, best, best_epoch or 0, loss, self.patience)
+                           "the model may be over-fitting. %s", self.patience, best, best_epoch or 0, loss, advice)
+
+
+class _FirstStep(TrainerCallback):
+    """Measures the start-up: seconds from the command (the process's start) to the first training step."""
+
+    seconds: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.seconds is None:
+            import psutil
+
+            self.seconds = round(time.time() - psutil.Process().create_time(), 2)
+            logger.debug("first training step %.2f s after the command", self.seconds)
 
 
 class _ProgressLog(TrainerCallback):
@@ -237,7 +253,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         torch_compile=cfg.torch_compile,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    if cfg.early_stopping_patience:  # the best checkpoint (by eval_loss unless told otherwise) becomes the adapter
+    if keeps_best(cfg):  # the best checkpoint (by eval_loss unless told otherwise) becomes the adapter
         fields.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     # Every other TrainingArguments field the user set (optim, max_steps, report_to, ...) passes through as is.
     if "warmup_steps" in cfg.trainer_args:
@@ -245,6 +261,20 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
                     cfg.trainer_args["warmup_steps"])
     fields.update(cfg.trainer_args)
     return TrainingArguments(**fields)
+
+
+def keeps_best(cfg: Config) -> bool:
+    """Whether the checkpoint of the best validation loss becomes the adapter: by default whenever every
+    evaluation has a checkpoint (a run that over-fits in its last epochs keeps its best state), and always with
+    early stopping; `load_best_model_at_end: false` keeps the last epoch's weights."""
+    if "load_best_model_at_end" in cfg.trainer_args:
+        return bool(cfg.trainer_args["load_best_model_at_end"])
+    if cfg.early_stopping_patience:
+        return True
+    eval_steps = cfg.trainer_args.get("eval_steps") or cfg.save_steps
+    # The Trainer's own condition for load_best_model_at_end: each save falls on an evaluation.
+    return cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy and (
+        cfg.save_strategy != "steps" or cfg.save_steps % eval_steps == 0)
 
 
 def _save_adapter(trainer: Trainer, processor, cfg: Config, sharded: bool) -> None:
@@ -432,9 +462,10 @@ def _train(cfg: Config) -> int:
         logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
                        "(raise max_length to get one)", cfg.max_length)
         eval_ds = None
-    if eval_ds is None:
-        args.eval_strategy = "no"
-    callbacks = [_ProgressLog(), _RecordIdentity(identity), _RisingValidationLoss()]
+    if eval_ds is None:  # nothing to validate: no evaluations, and the last weights are the adapter
+        args.eval_strategy, args.load_best_model_at_end = "no", False
+    first_step = _FirstStep()
+    callbacks = [_ProgressLog(), _RecordIdentity(identity), _RisingValidationLoss(), first_step]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -462,6 +493,12 @@ def _train(cfg: Config) -> int:
         raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
                         "without --resume_from_checkpoint") from None
     trainer.save_state()  # trainer_state.json in the run folder
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    if best and trainer.is_world_process_zero():
+        last = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        logger.info("adapter: the best checkpoint by validation loss, %s (eval_loss %.4f; the last evaluation's "
+                    "%s); --load_best_model_at_end false keeps the last weights", Path(best).name,
+                    trainer.state.best_metric, f"{last:.4f}" if last is not None else "?")
     _save_adapter(trainer, processor, cfg, sharded)
     loss = None
     if eval_ds is not None and cfg.eval_strategy != "no" and (sharded or trainer.is_world_process_zero()):
@@ -473,7 +510,9 @@ def _train(cfg: Config) -> int:
     if trainer.is_world_process_zero():
         metrics = dict(result.metrics)
         metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
-                       train_wall_seconds=round(time.time() - started, 2), **peak_memory_mb())
+                       best_checkpoint=Path(best).name if best else None,
+                       train_wall_seconds=round(time.time() - started, 2),
+                       seconds_to_first_step=first_step.seconds, **peak_memory_mb())
         if loss is not None:
             metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
         write_json(cfg.run_dir / "train_results.json", metrics)

@@ -63,6 +63,7 @@ def test_all_problems_listed_together():
     ({"device": "gpu"}, "use auto, cpu, cuda or cuda:N"),
     ({"model_type": "vision"}, "use one of: llm, vlm"),
     ({"use_original_model": "maybe"}, "expected true or false"),
+    ({"early_stopping_patience": 2, "load_best_model_at_end": False}, "drop load_best_model_at_end: false"),
 ])
 def test_bad_values(raw, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
@@ -119,3 +120,20 @@ def test_resolved_config_round_trips(tmp_path):
 def test_output_dir_may_not_be_the_model_folder(tmp_path):
     with pytest.raises(UserError, match="the model folder itself"):
         build_config({"model_name_or_path": str(tmp_path / "Qwen3-1.7B"), "output_dir": str(tmp_path)}, "x.yaml")
+
+
+def test_trainer_option_check_stays_outside_the_process_group(monkeypatch):
+    """The TrainingArguments check at start-up runs as one plain process: under a launcher's environment it
+    neither joins the process group nor leaves accelerate's state set up for the run's own arguments."""
+    import os
+
+    from accelerate.state import PartialState
+
+    launcher = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "ACCELERATE_USE_DEEPSPEED": "true"}
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)   # joining a group would fail on it
+    cfg = build_config({"max_steps": 3, "load_best_model_at_end": False}, "test")
+    assert cfg.trainer_args == {"max_steps": 3, "load_best_model_at_end": False}
+    assert {k: os.environ[k] for k in launcher} == launcher
+    assert PartialState._shared_state == {}

@@ -4,6 +4,7 @@ values, line splitting, the report's embedded JSON, gradients in evaluate, warmu
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,3 +395,89 @@ def test_chinese_labels_in_plots_warn_once_not_per_glyph(tmp_path, caplog):
     said = [r for r in caplog.records if "label characters as boxes" in r.getMessage()]
     assert len(said) == (0 if metrics.cjk_font() else 1)
     assert (tmp_path / "c2.png").stat().st_size > 1000
+
+
+def test_best_adapter_by_validation_loss_is_kept_by_default(models, tmp_path, caplog):
+    """Validation at every checkpoint: the adapter is the checkpoint of the lowest validation loss, not the last
+    (this run over-fits); --load_best_model_at_end false keeps the last weights."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"   # validation answers unlike every training answer: memorising them over-fits
+    write_json(data / "train.json", [{"text": f"Question {i}?", "target": "The answer is blue."} for i in range(8)])
+    write_json(data / "validation.json", [{"text": f"问题{i}？", "target": f"完全不同的答案{i}。"} for i in range(2)])
+    config = tmp_path / "demo.yaml"   # the demo config without its load_best_model_at_end: false
+    config.write_text("".join(line for line in (ROOT / "configs/demo_llm.yaml").read_text().splitlines(True)
+                              if not line.startswith("load_best_model_at_end")))
+    common = ["--config", config, "--tiny_model", "null", "--model_name_or_path",
+              models("qwen3"), "--data_dir", data, "--num_train_epochs", "8", "--learning_rate", "0.05",
+              "--save_total_limit", "null"]
+    runs = {}
+    for name, extra in (("best", []), ("last", ["--load_best_model_at_end", "false"])):
+        with caplog.at_level(logging.INFO):
+            assert run_main("--task", "train", *common, "--output_dir", tmp_path / name, *extra) == 0
+        runs[name] = tmp_path / name / "tiny-qwen3"
+    state = json.loads((runs["best"] / "trainer_state.json").read_text())
+    losses = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    best_step = min(losses, key=losses.get)
+    assert best_step != max(losses), losses                       # the run over-fits: best is not the last
+    assert json.loads((runs["best"] / "train_results.json").read_text())["best_checkpoint"] == f"checkpoint-{best_step}"
+    assert f"adapter: the best checkpoint by validation loss, checkpoint-{best_step}" in caplog.text
+
+    def weights(folder):
+        return load_file(folder / "adapter_model.safetensors")
+
+    kept, best_ckpt = weights(runs["best"] / "lora_model"), weights(runs["best"] / f"checkpoint-{best_step}")
+    assert all(torch.equal(kept[k], best_ckpt[k]) for k in kept)
+    last = weights(runs["last"] / "lora_model")
+    last_ckpt = weights(runs["last"] / f"checkpoint-{max(losses)}")
+    assert all(torch.equal(last[k], last_ckpt[k]) for k in last)
+    assert json.loads((runs["last"] / "train_results.json").read_text())["best_checkpoint"] is None
+
+
+def test_best_adapter_only_where_each_save_has_an_evaluation():
+    from config import build_config
+    from train import keeps_best
+
+    def keeps(**raw):
+        return keeps_best(build_config(raw, "test"))
+
+    assert keeps()                                                          # epoch and epoch
+    assert not keeps(eval_strategy="no")
+    assert not keeps(save_strategy="steps")                                  # evaluations per epoch, saves per step
+    assert keeps(save_strategy="steps", eval_strategy="steps", save_steps=500, eval_steps=100)
+    assert not keeps(save_strategy="steps", eval_strategy="steps", save_steps=500, eval_steps=300)
+    assert not keeps(load_best_model_at_end=False)
+
+
+def test_start_up_leaves_out_libraries_the_run_cannot_use(models, tmp_path):
+    """A command-line run that quantizes nothing and reads no hub dataset does not import bitsandbytes or datasets
+    (about a second of every start); any sign that it may need them keeps them."""
+    from conftest import run_cli
+    from main import unused_libraries
+
+    tiny = models("qwen3")
+
+    def unused(**raw):
+        return unused_libraries(build_config({"model_name_or_path": tiny, **raw}, "test"))
+
+    assert unused() == ["bitsandbytes", "datasets"]
+    assert unused(train_quantization_bit=4) == ["datasets"]
+    assert unused(inference_quantization_bit=8) == ["datasets"]
+    assert unused(optim="paged_adamw_32bit") == ["datasets"]
+    assert unused(dataset_name="some/dataset") == ["bitsandbytes"]
+    assert unused(model_name_or_path="Qwen/Qwen3-1.7B") == ["datasets"]   # not a local folder: unknown
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    config = json.loads((Path(tiny) / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    assert unused(model_name_or_path=str(quantized)) == ["datasets"]
+
+    proc = run_cli("--task", "train", "--config", ROOT / "configs" / "demo_llm.yaml", "--model_name_or_path", tiny,
+                   "--output_dir", tmp_path / "out", "--max_steps", "1", "--log_level", "debug")
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "not imported (this run cannot use them): bitsandbytes, datasets" in err
+    results = json.loads((tmp_path / "out" / "tiny-qwen3" / "train_results.json").read_text())
+    assert 0 < results["seconds_to_first_step"] < results["train_wall_seconds"] + 60
