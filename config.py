@@ -447,7 +447,8 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(cfg.early_stopping_patience is None or (cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy),
          "early_stopping_patience", "needs eval_strategy and save_strategy set alike (epoch or steps), not no")
     need(not cfg.early_stopping_patience or cfg.trainer_args.get("load_best_model_at_end") is not False,
-         "early_stopping_patience", "keeps the best checkpoint as the adapter; drop load_best_model_at_end: false")
+         "early_stopping_patience", "keeps the best checkpoint as the adapter; drop load_best_model_at_end: false "
+         "(or pass --load_best_model_at_end true)")
     need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
     need(0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
     need(cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
@@ -516,6 +517,12 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
         cfg.target_modules = ["all-linear"]
     cfg.trainer_args = passthrough
+    if (cfg.early_stopping_patience and "early_stopping_patience" in (cli or {})
+            and passthrough.get("load_best_model_at_end") is False and "load_best_model_at_end" not in (cli or {})):
+        # The command line outranks the file: asking for early stopping there asks for its best checkpoint too.
+        passthrough["load_best_model_at_end"] = True
+        logger.info("--early_stopping_patience overrides %s's load_best_model_at_end: false: the best checkpoint "
+                    "by validation loss becomes the adapter", source)
     if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
         problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
                         "steps, warmup_ratio is a share of all steps)")

@@ -70,6 +70,14 @@ def test_bad_values(raw, fragment):
         build_config(raw, "x.yaml")
 
 
+def test_early_stopping_on_the_command_line_outranks_the_files_load_best_false():
+    file = {"load_best_model_at_end": False}                 # the demo config keeps the last epoch
+    cfg = build_config(file, "demo.yaml", {"early_stopping_patience": "2"})
+    assert cfg.trainer_args["load_best_model_at_end"] is True
+    with pytest.raises(UserError, match="drop load_best_model_at_end: false"):   # both on one layer: a clash
+        build_config(file, "demo.yaml", {"early_stopping_patience": "2", "load_best_model_at_end": "false"})
+
+
 def test_cli_errors_exit_2_without_traceback(capsys):
     assert run_main("--task", "train", "--config", "configs/demo_llm.yaml", "--lora_rank", "8") == 2
     err = capsys.readouterr().err
