@@ -229,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def unused_libraries(cfg) -> list[str]:
-    """Installed optional libraries this run cannot use. transformers imports bitsandbytes, and datasets with
-    pandas and pyarrow, whenever they are installed: about a second of every start on a CPU. A run that
-    quantizes nothing (no 4/8-bit key, no 8-bit or paged optimizer, a base model without a quantization_config)
-    and reads no hub dataset goes without them. Unknown cases (a hub name, a .gguf) keep them."""
+    """Installed optional libraries this run cannot use: transformers imports each whenever it is installed.
+    bitsandbytes, and datasets with pandas and pyarrow: a run that quantizes nothing (no 4/8-bit key, no 8-bit or
+    paged optimizer, a base model without a quantization_config) and reads no hub dataset goes without them.
+    scipy (with scikit-learn, which needs it): only evaluate's metrics use them; transformers imports scipy for
+    object-detection losses. torchvision: image processing, for VLMs only. Unknown cases (a hub name, a .gguf)
+    keep bitsandbytes."""
     unused = []
     optim = str(cfg.trainer_args.get("optim", ""))
     config_file = Path(cfg.model_name_or_path) / "config.json"
@@ -245,6 +247,10 @@ def unused_libraries(cfg) -> list[str]:
         unused.append("bitsandbytes")
     if not cfg.dataset_name:
         unused.append("datasets")
+    if cfg.task in ("train", "inference", "export", "serve"):
+        unused += ["scipy", "sklearn"]
+    if cfg.model_type == "llm":
+        unused.append("torchvision")
     return unused
 
 

@@ -460,7 +460,8 @@ def test_start_up_leaves_out_libraries_the_run_cannot_use(models, tmp_path):
     tiny = models("qwen3")
 
     def unused(**raw):
-        return unused_libraries(build_config({"model_name_or_path": tiny, **raw}, "test"))
+        left_out = unused_libraries(build_config({"model_name_or_path": tiny, "task": "train", **raw}, "test"))
+        return [name for name in left_out if name in ("bitsandbytes", "datasets")]
 
     assert unused() == ["bitsandbytes", "datasets"]
     assert unused(train_quantization_bit=4) == ["datasets"]
@@ -474,10 +475,19 @@ def test_start_up_leaves_out_libraries_the_run_cannot_use(models, tmp_path):
     (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
     assert unused(model_name_or_path=str(quantized)) == ["datasets"]
 
+    def others(**raw):
+        left_out = unused_libraries(build_config({"model_name_or_path": tiny, **raw}, "test"))
+        return [name for name in left_out if name not in ("bitsandbytes", "datasets")]
+
+    assert others(task="train") == ["scipy", "sklearn", "torchvision"]
+    assert others(task="serve", model_type="vlm") == ["scipy", "sklearn"]   # VLM processors use torchvision
+    assert others(task="evaluate") == ["torchvision"]                      # per-field metrics use scikit-learn
+    assert others(task="compare", model_type="vlm") == []
+
     proc = run_cli("--task", "train", "--config", ROOT / "configs" / "demo_llm.yaml", "--model_name_or_path", tiny,
                    "--output_dir", tmp_path / "out", "--max_steps", "1", "--log_level", "debug")
     err = proc.stderr.decode()
     assert proc.returncode == 0, err[-3000:]
-    assert "not imported (this run cannot use them): bitsandbytes, datasets" in err
+    assert "not imported (this run cannot use them): bitsandbytes, datasets, scipy, sklearn, torchvision" in err
     results = json.loads((tmp_path / "out" / "tiny-qwen3" / "train_results.json").read_text())
     assert 0 < results["seconds_to_first_step"] < results["train_wall_seconds"] + 60
