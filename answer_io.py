@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from config import Config, UserError
-from data_files import IMAGE_SUFFIXES, Example, check_image, list_images, load_data_file, read_json, read_text
+from data_loading import IMAGE_SUFFIXES, Example, check_image, list_images, load_data_file, read_json, read_text
 from metrics import text_metrics
 from structured import parse_json
 

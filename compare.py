@@ -15,7 +15,7 @@ import logging
 
 from answer_io import line_example, prepare_batch, repl, run_batch, show_answer
 from config import Config, UserError
-from data_files import system_prompt
+from data_loading import system_prompt
 from generation import Answerer, vlm_label_map
 from metrics import text_metrics
 from model_config import adopt_training_settings, load_for_inference

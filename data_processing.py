@@ -1,8 +1,10 @@
-"""Encoding data for the model: chat messages, templating, tokenisation with answer-only labels, the on-disk
-token cache, datasets and the padding collator. (Reading and validating the files is data_files.py.)
+"""Encoding data for the model: chat messages, templating, tokenisation with answer-only labels, online image
+augmentation of VLM training images, the on-disk token cache, datasets and the padding collator. (Reading and
+validating the files is data_loading.py.)
 
 Used by:
     python main.py --task train      Encoder -> build_dataset (cached) -> Collator
+    python main.py --task train --model_type vlm --augmentation hflip,color --augmentation_p 0.5
     python main.py --task evaluate   the same Encoder and Collator for the loss; prompt_text for generation
     python main.py --task inference  to_messages + prompt_text for every question or image
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from config import Config, UserError
-from data_files import Example, load_image, system_prompt
+from data_loading import Example, load_image, system_prompt
 from outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,43 @@ IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------------------------------
 # messages and tokenisation
+# name -> what it does and which labels it can falsify (the README repeats the warnings)
+AUGMENTATIONS = {
+    "hflip": "mirror left-right (wrong if a label depends on left/right)",
+    "vflip": "mirror top-bottom (wrong if a label depends on up/down, e.g. a jet's direction)",
+    "rotate": "rotate up to 10 degrees (wrong for orientation labels)",
+    "crop": "zoom into a random crop of 80-100% and resize back (can cut a small defect out of the frame)",
+    "color": "jitter brightness, contrast and saturation by 20% (wrong for day/night, colour or lighting labels)",
+    "blur": "Gaussian blur, sigma 0.1-1.5 (wrong for focus or sharpness labels)",
+}
+
+
+def augmentation(cfg: Config):
+    """A torchvision v2 transform (PIL in, PIL out) applying each chosen augmentation with probability
+    `augmentation_p`, or None when none is chosen."""
+    if not cfg.augmentation:
+        return None
+    if cfg.model_type != "vlm":
+        raise UserError("`augmentation` transforms images; set augmentation: [] for model_type llm")
+    unknown = [a for a in cfg.augmentation if a not in AUGMENTATIONS]
+    if unknown:
+        raise UserError(f"`augmentation` {unknown} unknown; choose from {', '.join(AUGMENTATIONS)}")
+    from torchvision.transforms import v2
+
+    p = cfg.augmentation_p
+    parts = {
+        "hflip": lambda: v2.RandomHorizontalFlip(p),
+        "vflip": lambda: v2.RandomVerticalFlip(p),
+        "rotate": lambda: v2.RandomApply([v2.RandomRotation(10)], p),
+        "crop": lambda: v2.RandomApply([v2.RandomAffine(degrees=0, scale=(1.0, 1.25))], p),
+        "color": lambda: v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)], p),
+        "blur": lambda: v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p),
+    }
+    logger.info("augmenting training images online (p=%.2f each): %s", p,
+                "; ".join(f"{a}: {AUGMENTATIONS[a]}" for a in cfg.augmentation))
+    return v2.Compose([parts[a]() for a in cfg.augmentation])
+
+
 def to_messages(ex: Example, system: str | None) -> list[dict]:
     """Chat messages for the prompt side of an example (no final assistant turn). The sample's own system
     message wins over the configured one; a conversation keeps its earlier turns."""
@@ -140,7 +179,7 @@ class Encoder:
 
     def __init__(self, processor, cfg: Config, transform=None):
         self.processor, self.tok, self.cfg = processor, _tokenizer(processor), cfg
-        self.transform = transform  # training images only: augmentation (training_data.augmentation)
+        self.transform = transform  # training images only: augmentation() above
         self.system = system_prompt(cfg)
         self.stats = Counter()
         self.end_of_turn = _end_of_turn_text(processor) if has_chat_template(processor) else ""

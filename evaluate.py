@@ -19,7 +19,7 @@ import time
 import distributed
 from answer_io import report_empty
 from config import Config, UserError
-from data_files import load_examples, stratified_subset
+from data_loading import load_examples, stratified_subset
 from data_processing import Encoder, build_dataset
 from generation import answer_and_annotate, generate_batch, vlm_constraint, vlm_label_map
 from metrics import (

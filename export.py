@@ -51,7 +51,7 @@ def run(cfg: Config) -> int:
 def _export_gguf(cfg: Config) -> int:
     """llama.cpp's converter on the merged folder (merged first unless it is newer than the adapter)."""
     import gguf_export
-    from model_sources import resolve_model
+    from model_resolver import resolve_model
 
     adopt_training_settings(cfg)
     base = Path(resolve_model(cfg))

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from config import Config
-from data_files import Example, load_image, load_label_map
+from data_loading import Example, load_image, load_label_map
 from data_processing import end_of_turn_ids, has_chat_template, prompt_text, strip_thinking
 from model_config import context_length
 from structured import SchemaConstraint, field_confidences, parse_json, with_confidence

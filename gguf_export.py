@@ -52,7 +52,7 @@ def gguf_dir(cfg: Config) -> Path:
 # llama.cpp's converter, fetched once
 def converter_dir() -> Path:
     """./models/llama.cpp-<version>/: the converter scripts and their gguf-py, unpacked from the source archive."""
-    from model_sources import _exclusive, download_package
+    from model_resolver import _exclusive, download_package
 
     models = Path("models")
     target = models / f"llama.cpp-{LLAMA_CPP_PYTHON}"
@@ -254,7 +254,7 @@ def ollama_template(processor) -> tuple[str, list[str]]:
 
     Rendered from the tool's own prompt builder with placeholders, so Ollama sends exactly the text training
     and `--task inference` use (thinking disabled, the template's default system message included)."""
-    from data_files import Example
+    from data_loading import Example
     from data_processing import conversation_text, end_of_turn_ids, prompt_text
 
     def go(text: str) -> str:
@@ -277,7 +277,7 @@ def ollama_template(processor) -> tuple[str, list[str]]:
 
 
 def ollama_modelfile(cfg: Config, processor, gguf_name: str) -> str:
-    from data_files import system_prompt
+    from data_loading import system_prompt
 
     template, stops = ollama_template(processor)
     lines = [f"# Ollama: ollama create {_ollama_name(cfg)} -f Modelfile   (written by `--task export "

@@ -17,7 +17,7 @@ import sys
 
 from answer_io import line_example, prepare_batch, repl, run_batch, show_answer
 from config import Config
-from data_files import system_prompt
+from data_loading import system_prompt
 from generation import Answerer, generate_batch, vlm_label_map
 from model_config import adopt_training_settings, load_for_inference
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from config import Config, UserError
-from model_sources import resolve_model
+from model_resolver import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ SAVED_FILES = {"prompt_file": "prompt.json", "label_map_file": "label_map.json"}
 
 
 def _file_contents(key: str, path: Path):
-    from data_files import load_label_map, load_prompt
+    from data_loading import load_label_map, load_prompt
 
     return load_prompt(path) if key == "prompt_file" else load_label_map(path)
 

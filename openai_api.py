@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data_files import MAX_ASPECT_RATIO, Example
+from data_loading import MAX_ASPECT_RATIO, Example
 
 MAX_IMAGES = 8  # per request; training saw one
 
@@ -128,7 +128,7 @@ def _decode_image(url: str, image_folder: Path | None, where: str):
     """A PIL image from a data: URL (or, when the operator allowed a folder, a path inside it)."""
     from PIL import Image
 
-    from data_files import load_image
+    from data_loading import load_image
 
     if url.startswith("data:"):
         head, _, payload = url.partition(",")

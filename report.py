@@ -5,17 +5,20 @@
 VLM: headline metrics, per-field accuracy and macro F1 against the majority baseline, calibration (ECE, Brier,
 reliability diagram), confusion matrices, and every validation image with truth, prediction and confidence,
 errors first. LLM: headline metrics and every question with target and prediction, the differences marked.
+Rendered by a Jinja2 template with autoescaping: every value from the data is escaped by construction, and the
+results embedded for scripts go through `tojson` (<, >, & and ' as JSON escapes, safe inside <script>).
 """
 
 from __future__ import annotations
 
 import base64
 import difflib
-import html
 import io
 import json
 import time
 from pathlib import Path
+
+import jinja2
 
 from config import Config
 from outputs import atomic_write_text
@@ -30,143 +33,158 @@ ins{background:#d7f5d7;text-decoration:none}img.thumb{width:96px;height:auto;dis
 .cm td{text-align:center;min-width:28px}.diag{background:#e3f0ff}code{font-size:12px}
 """
 
+_TEMPLATE = """\
+{%- macro cell(v) -%}
+{% if v is numeric %}<td class="num">{{ v | fmt }}</td>{% else %}<td>{{ v }}</td>{% endif %}
+{%- endmacro -%}
+<!doctype html><html><head><meta charset='utf-8'><title>{{ title }}</title><style>{{ css | safe }}</style></head><body>
+<h1>{{ title }}</h1>
+<p class='muted'>{{ model }} · adapter {{ adapter }} · {{ when }}</p>
+<h2>Headline</h2>
+<table><tr><th>metric</th><th>value</th></tr>
+{%- for key, value in headline %}<tr>{{ cell(key) }}{{ cell(value) }}</tr>{% endfor %}</table>
+{% if fields %}
+<h2>Fields</h2>
+<table><tr><th>field</th><th>accuracy</th><th>majority baseline</th><th>macro F1</th><th>ECE</th><th>Brier</th>
+<th>mean confidence</th></tr>
+{%- for f in fields %}
+<tr class="{{ 'ok' if f.accuracy > f.majority_baseline else 'bad' }}">{{ cell(f.name) }}{{ cell(f.accuracy) }}
+{{- cell(f.majority_baseline) }}{{ cell(f.macro_f1) }}{{ cell(f.ece) }}{{ cell(f.brier) }}
+{{- cell(f.mean_confidence) }}</tr>
+{%- endfor %}</table>
+<h2>Calibration</h2><p class='muted'>Confidence is the model's probability of the value it chose, normalised over
+the values the field allows. On the diagonal, confidence equals accuracy.</p>
+{% if reliability %}<img alt="{{ reliability.name }}" src="data:image/png;base64,{{ reliability.data }}">{% endif %}
+<h2>Confusion matrices</h2><p class='muted'>Rows: truth; columns: prediction.</p>
+{%- for f in fields %}
+<h3>{{ f.name }}</h3><table class='cm'><tr><th></th>{% for lab in f.labels %}<th>{{ lab }}</th>{% endfor %}</tr>
+{%- for lab, row in f.matrix %}<tr><th>{{ lab }}</th>
+{%- for v, diag in row %}<td class="{{ 'diag' if diag else '' }}">{{ v }}</td>
+{%- endfor %}</tr>{% endfor %}</table>
+{%- endfor %}
+<h2>Validation images ({{ images | length }}, errors first)</h2>
+<table><tr><th>image</th><th>file</th>{% for f in fields %}<th>{{ f.name }}</th>{% endfor %}<th>confidence</th></tr>
+{%- for r in images %}
+<tr class="{{ 'bad' if r.wrong else '' }}"><td>
+{%- if r.thumbnail %}<img class="thumb" alt="{{ r.name }}" src="data:image/jpeg;base64,{{ r.thumbnail }}">
+{%- else %}<span class="muted">(image unavailable)</span>{% endif %}</td><td>{{ r.name }}</td>
+{%- for c in r.cells %}<td>
+{%- if c.invalid %}<span class='muted'>invalid</span>{% elif c.right %}{{ c.shown | fmt }}
+{%- else %}<mark>{{ c.shown | fmt }}</mark>{% endif %}
+{%- if c.confidence is not none %} <span class='muted'>({{ '%.2f' | format(c.confidence) }})</span>{% endif %}
+{%- if not c.right %}<br><span class='muted'>truth: {{ c.truth | fmt }}</span>{% endif %}</td>
+{%- endfor %}{{ cell(r.confidence) }}</tr>
+{%- endfor %}</table>
+{% else %}
+<h2>Validation samples ({{ samples | length }}, errors first)</h2>
+<p class='muted'>In the target, <ins>green</ins> is what the prediction lacks; in the prediction, <mark>red</mark>
+is what differs.</p>
+<table><tr><th>question</th><th>target</th><th>prediction</th></tr>
+{%- for s in samples %}
+<tr class="{{ 'ok' if s.same else 'bad' }}"><td>{{ s.text }}</td><td>
+{%- for op, t in s.target %}{% if op == 'equal' %}{{ t }}{% else %}<ins>{{ t }}</ins>{% endif %}{% endfor %}</td><td>
+{%- for op, p in s.prediction %}{% if op == 'equal' %}{{ p }}{% else %}<mark>{{ p }}</mark>{% endif %}{% endfor -%}
+</td></tr>
+{%- endfor %}</table>
+{% endif %}
+<script type='application/json' id='results'>{{ results | tojson }}</script>
+<script>addEventListener('load',()=>{const imgs=[...document.images];document.body.dataset.images=imgs.length;
+document.body.dataset.imagesLoaded=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;
+document.body.dataset.rows=document.querySelectorAll('tr').length;});</script>
+</body></html>
+"""
 
-def _script_json(data) -> str:
-    """JSON that is safe inside <script>: <, > and & as JSON escapes, so it parses as written (HTML escaping
-    would not be undone inside a script element) and no value can close the element."""
-    text = json.dumps(data, default=str, ensure_ascii=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return html.escape(str(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _table(headers: list[str], rows: list[list], classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
-        cells = "".join(f'<td class="num">{_fmt(c)}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
-                        else f"<td>{c}</td>" for c in row)
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_ENV.filters["fmt"] = _fmt
+_ENV.tests["numeric"] = _numeric
+# Non-ASCII stays readable in the file; values JSON cannot hold (paths, numpy scalars) become strings.
+_ENV.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "default": str}
+_PAGE = _ENV.from_string(_TEMPLATE)
 
 
-def _thumbnail(path: str, size: int = 96) -> str:
+def _thumbnail(path: str, size: int = 96) -> str | None:
+    """A JPEG thumbnail as base64, or None when the image cannot be read (it must not cost the whole report)."""
     try:
-        from data_files import load_image
+        from data_loading import load_image
 
         image = load_image(path)
         image.thumbnail((size, size))
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=80)
-        return f'<img class="thumb" alt="{html.escape(Path(path).name)}" src="data:image/jpeg;base64,' \
-               f'{base64.b64encode(buf.getvalue()).decode()}">'
-    except Exception:  # noqa: BLE001 - a missing image must not cost the whole report
-        return '<span class="muted">(image unavailable)</span>'
+        return base64.b64encode(buf.getvalue()).decode()
+    except Exception:  # noqa: BLE001
+        return None
 
 
-def _png(path: Path) -> str:
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
-
-
-def _diff(target: str, prediction: str) -> tuple[str, str]:
-    """Both texts with the differing spans marked (what the prediction lacks / what it has instead)."""
+def _diff(target: str, prediction: str) -> tuple[list, list]:
+    """Both texts as (op, text) spans: what the prediction lacks / what it has instead are the non-equal ones."""
     t_out, p_out = [], []
     for op, a0, a1, b0, b1 in difflib.SequenceMatcher(None, target, prediction, autojunk=False).get_opcodes():
-        t, p = html.escape(target[a0:a1]), html.escape(prediction[b0:b1])
-        t_out.append(t if op == "equal" else f"<ins>{t}</ins>" if t else "")
-        p_out.append(p if op == "equal" else f"<mark>{p}</mark>" if p else "")
-    return "".join(t_out), "".join(p_out)
+        if target[a0:a1]:
+            t_out.append((op, target[a0:a1]))
+        if prediction[b0:b1]:
+            p_out.append((op, prediction[b0:b1]))
+    return t_out, p_out
 
 
-def _vlm_sections(results: dict, rows: list[dict], reliability: Path) -> list[str]:
-    out = ["<h2>Fields</h2>"]
+def _vlm_context(results: dict, rows: list[dict], reliability: Path) -> dict:
     calib = results.get("calibration", {})
-    out.append(_table(["field", "accuracy", "majority baseline", "macro F1", "ECE", "Brier", "mean confidence"],
-                      [[html.escape(f), m["accuracy"], m["majority_baseline"], m["macro_f1"],
-                        calib.get(f, {}).get("ece", "-"), calib.get(f, {}).get("brier", "-"),
-                        calib.get(f, {}).get("mean_confidence", "-")] for f, m in results["fields"].items()],
-                      ["ok" if m["accuracy"] > m["majority_baseline"] else "bad" for m in results["fields"].values()]))
-    out.append("<h2>Calibration</h2><p class='muted'>Confidence is the model's probability of the value it chose, "
-               "normalised over the values the field allows. On the diagonal, confidence equals accuracy.</p>")
-    out.append(_png(reliability))
-    out.append("<h2>Confusion matrices</h2><p class='muted'>Rows: truth; columns: prediction.</p>")
-    for field, m in results["fields"].items():
-        labels = m["labels"]
-        head = "".join(f"<th>{html.escape(str(lab))}</th>" for lab in labels)
-        body = "".join(
-            f"<tr><th>{html.escape(str(lab))}</th>" + "".join(
-                f'<td class="{"diag" if i == j else ""}">{v}</td>' for j, v in enumerate(row)) + "</tr>"
-            for i, (lab, row) in enumerate(zip(labels, m["confusion_matrix"])))
-        out.append(f"<h3>{html.escape(field)}</h3><table class='cm'><tr><th></th>{head}</tr>{body}</table>")
-    fields = list(results["fields"])
+    fields = [{"name": f, "accuracy": m["accuracy"], "majority_baseline": m["majority_baseline"],
+               "macro_f1": m["macro_f1"], **{k: calib.get(f, {}).get(k, "-") for k in ("ece", "brier",
+                                                                                       "mean_confidence")},
+               "labels": m["labels"],
+               "matrix": [(lab, [(v, i == j) for j, v in enumerate(row)])
+                          for i, (lab, row) in enumerate(zip(m["labels"], m["confusion_matrix"]))]}
+              for f, m in results["fields"].items()]
+    names = list(results["fields"])
 
     def wrong(r):
         p = r.get("prediction") or {}
-        return sum(str(p.get(f)) != str(r["target"].get(f)) for f in fields) if p else len(fields) + 1
+        return sum(str(p.get(f)) != str(r["target"].get(f)) for f in names) if p else len(names) + 1
 
-    ordered = sorted(rows, key=wrong, reverse=True)
-    table = []
-    for r in ordered:
-        p = r.get("prediction") or {}
-        conf = r.get("field_confidence") or {}
-        cells = []
-        for f in fields:
-            right = p and str(p.get(f)) == str(r["target"].get(f))
-            shown = _fmt(p.get(f)) if p else "<span class='muted'>invalid</span>"
-            c = f" <span class='muted'>({conf[f]:.2f})</span>" if f in conf else ""
-            cells.append(f"{shown}{c}" if right else f"<mark>{shown}</mark>{c}<br><span class='muted'>truth: "
-                         f"{_fmt(r['target'].get(f))}</span>")
+    images = []
+    for r in sorted(rows, key=wrong, reverse=True):
+        p, conf = r.get("prediction") or {}, r.get("field_confidence") or {}
+        cells = [{"invalid": not p, "right": bool(p) and str(p.get(f)) == str(r["target"].get(f)),
+                  "shown": p.get(f), "truth": r["target"].get(f), "confidence": conf.get(f)} for f in names]
         overall = r.get("confidence")
-        table.append([_thumbnail(r["file"]), html.escape(Path(r["file"]).name), *cells,
-                      overall if isinstance(overall, float) else "-"])
-    out.append(f"<h2>Validation images ({len(rows)}, errors first)</h2>")
-    out.append(_table(["image", "file", *fields, "confidence"], table,
-                      ["bad" if wrong(r) else "" for r in ordered]))
-    return out
+        images.append({"name": Path(r["file"]).name, "thumbnail": _thumbnail(r["file"]), "cells": cells,
+                       "wrong": bool(wrong(r)), "confidence": overall if isinstance(overall, float) else "-"})
+    png = {"name": reliability.name, "data": base64.b64encode(reliability.read_bytes()).decode()} \
+        if reliability.is_file() else None
+    return {"fields": fields, "images": images, "reliability": png}
 
 
-def _llm_sections(rows: list[dict]) -> list[str]:
-    ordered = sorted(rows, key=lambda r: r["prediction"].strip() == r["target"].strip())
-    table = []
-    for r in ordered:
-        t, p = _diff(r["target"], r["prediction"])
-        table.append([html.escape(r["text"]), t, p])
-    return [f"<h2>Validation samples ({len(rows)}, errors first)</h2>",
-            "<p class='muted'>In the target, <ins>green</ins> is what the prediction lacks; in the prediction, "
-            "<mark>red</mark> is what differs.</p>",
-            _table(["question", "target", "prediction"], table,
-                   ["ok" if r["prediction"].strip() == r["target"].strip() else "bad" for r in ordered])]
+def _llm_context(rows: list[dict]) -> dict:
+    samples = []
+    for r in sorted(rows, key=lambda r: r["prediction"].strip() == r["target"].strip()):
+        target, prediction = _diff(r["target"], r["prediction"])
+        samples.append({"text": r["text"], "target": target, "prediction": prediction,
+                        "same": r["prediction"].strip() == r["target"].strip()})
+    return {"fields": None, "samples": samples}
 
 
 def write_report(path: Path, cfg: Config, results: dict, rows: list[dict]) -> None:
     headline_keys = ["num_samples", "json_valid_rate", "schema_valid_rate", "json_valid_rate_unconstrained",
                      "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity", "empty_predictions",
                      "samples_per_second"]
-    headline = [[k, results[k]] for k in headline_keys if k in results and results[k] is not None]
-    title = f"Evaluation: {cfg.model_name}" + (" (base model)" if cfg.use_original_model else "")
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f"<p class='muted'>{html.escape(str(results.get('model')))} · adapter "
-             f"{html.escape(str(results.get('adapter')))} · {time.strftime('%Y-%m-%d %H:%M')}</p>",
-             "<h2>Headline</h2>", _table(["metric", "value"], headline)]
-    if "fields" in results:
-        suffix = "_original_model" if cfg.use_original_model else ""
-        parts += _vlm_sections(results, rows, path.parent / f"reliability{suffix}.png")
-    else:
-        parts += _llm_sections(rows)
-    # Lets a headless browser (and the test) confirm what rendered.
-    script = ("<script>addEventListener('load',()=>{const imgs=[...document.images];document.body.dataset.images="
-              "imgs.length;document.body.dataset.imagesLoaded=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;"
-              "document.body.dataset.rows=document.querySelectorAll('tr').length;});</script>")
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{_CSS}</style></head><body>{''.join(parts)}"
-           f"<script type='application/json' id='results'>{_script_json(results)}</script>"
-           f"{script}</body></html>")
-    atomic_write_text(path, doc)
+    suffix = "_original_model" if cfg.use_original_model else ""
+    context = _vlm_context(results, rows, path.parent / f"reliability{suffix}.png") if "fields" in results \
+        else _llm_context(rows)
+    # A round trip through JSON: what the page embeds is exactly what eval_results.json holds.
+    embedded = json.loads(json.dumps(results, default=str))
+    atomic_write_text(path, _PAGE.render(
+        title=f"Evaluation: {cfg.model_name}" + (" (base model)" if cfg.use_original_model else ""),
+        css=_CSS, model=str(results.get("model")), adapter=str(results.get("adapter")),
+        when=time.strftime("%Y-%m-%d %H:%M"),
+        headline=[(k, results[k]) for k in headline_keys if results.get(k) is not None],
+        results=embedded, **context))

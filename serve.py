@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batching import Job, Scheduler
 from config import Config, UserError
-from data_files import system_prompt
+from data_loading import system_prompt
 from generation import ContextError, Engine, Row, vlm_label_map
 from model_config import adopt_training_settings, load_for_inference
 from openai_api import ApiError, ChatRequest, chunk, completion, completion_id, parse_request, to_example

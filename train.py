@@ -17,14 +17,15 @@ import logging
 import os
 import pickle
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from config import Config, UserError
-from data_files import load_examples
-from data_processing import Collator, Encoder, build_dataset
+from data_loading import load_examples
+from data_processing import Collator, Encoder, augmentation, build_dataset
 from losses import answer_only_loss, fused_answer_loss, fused_loss_backend
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
@@ -36,7 +37,7 @@ from model_config import (
     resolve_dtype,
     save_training_settings,
 )
-from model_sources import resolve_model
+from model_resolver import resolve_model
 from outputs import (
     atomic_dir,
     peak_memory_mb,
@@ -46,9 +47,171 @@ from outputs import (
     run_lock,
     write_json,
 )
-from training_data import LengthGroupedSampler, WeightedSampler, augmentation, balance, use_grouping
+from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
 
 logger = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> int:
+    """check -> setup (data, model, datasets, trainer) -> fit -> finalize (adapter, metrics)."""
+    _check(cfg)
+    # Only the main process owns the run folder (accelerate/torchrun start one process per GPU).
+    main_process = os.environ.get("RANK", "0") == "0"
+    with run_lock(cfg.run_dir, "train") if main_process else contextlib.nullcontext():
+        if main_process:
+            remove_stale_temporaries(cfg.run_dir)
+        state = _setup(cfg)
+        result = _fit(state)
+        _finalize(state, result)
+    return 0
+
+
+@dataclass
+class _Run:
+    """What one training run carries from setup to finalize."""
+
+    cfg: Config
+    args: TrainingArguments
+    resume: str | None
+    identity: dict
+    processor: object = None
+    trainer: _LoraTrainer | None = None
+    sharded: bool = False  # weights split across processes (ZeRO-3, FSDP)
+    eval_ds: object = None
+    first_step: _FirstStep = field(default_factory=lambda: _FirstStep())
+    started: float = field(default_factory=time.time)
+
+
+def _check(cfg: Config) -> None:
+    """Everything that can be refused from the configuration alone, before any data or model is read."""
+    _check_packing(cfg)
+    _check_gpu_options(cfg)
+    _check_sharding(cfg)
+    if not cfg.overwrite_output_dir:
+        check_adapter_owner(cfg, cfg.lora_dir)
+    _check_writable(cfg.run_dir)
+    refuse_foreign(cfg.lora_dir)  # now, not after training: the adapter folder is replaced whole at the end
+
+
+def _setup(cfg: Config) -> _Run:
+    resume = _resolve_resume(cfg)
+    # Built first: under torchrun/accelerate it joins the process group, so the main process can go first below.
+    args = _training_arguments(cfg)
+    # One writer for the shared files (split.json, a built/fetched/converted model): the main process makes them,
+    # the others wait and then read them.
+    with args.main_process_first(local=False, desc="data split and model files"):
+        examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
+        if not examples["train"]:
+            raise UserError("no training samples")
+        source = resolve_model(cfg)
+    state = _Run(cfg, args, resume, _identity(cfg, source, examples["train"]))
+    if resume:  # the identity check, before the model loads
+        _check_resume(resume, state.identity)
+    reset_peak_memory()
+    set_seed(cfg.seed)  # before the model exists: LoRA's initial weights come from this generator
+    model, state.processor = load_base(cfg, "train")
+    model = attach_lora(model, cfg)
+    train_ds, state.eval_ds = _datasets(state, examples)
+    state.trainer = _trainer(state, model, train_ds)
+    return state
+
+
+def _datasets(state: _Run, examples: dict):
+    """Tokenised (cached) training and validation sets; the sampler follows from their lengths."""
+    cfg, args, processor = state.cfg, state.args, state.processor
+    encoder = Encoder(processor, cfg)
+    cache = cfg.run_dir / "cache"
+    train_examples, weights = balance(examples["train"], cfg)
+    transform = augmentation(cfg)
+    with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
+        train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples,
+                                 cache, "train")
+        eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") \
+            if examples["validation"] else None
+    train_ds.weights = weights
+    if not len(train_ds):
+        raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
+    if weights is None and not cfg.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
+                                                            cfg.per_device_train_batch_size):
+        args.train_sampling_strategy = "group_by_length"
+    if eval_ds is not None and not len(eval_ds):
+        logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
+                       "(raise max_length to get one)", cfg.max_length)
+        eval_ds = None
+    if eval_ds is None:  # nothing to validate: no evaluations, and the last weights are the adapter
+        args.eval_strategy, args.load_best_model_at_end = "no", False
+    return train_ds, eval_ds
+
+
+def _trainer(state: _Run, model, train_ds) -> _LoraTrainer:
+    cfg, processor = state.cfg, state.processor
+    callbacks = [_ProgressLog(), _RecordIdentity(state.identity), _RisingValidationLoss(), state.first_step]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    trainer = _LoraTrainer(model=model, args=state.args, train_dataset=train_ds, eval_dataset=state.eval_ds,
+                           data_collator=_make_collator(processor, cfg),
+                           processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
+    state.sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+    trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
+    if trainer.answer_only:
+        trainer.fused = fused_loss_backend(model, cfg.fused_loss, state.sharded)
+        logger.info("loss: answer-only %s", f"fused linear cross-entropy ({trainer.fused})" if trainer.fused
+                    else "logits")
+    return trainer
+
+
+def _fit(state: _Run):
+    trainer, resume = state.trainer, state.resume
+    if resume:
+        step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
+        logger.info("resuming from %s (global step %s)", resume, step)
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        if trainer.state.global_step > 0:
+            logger.warning("interrupted: saving checkpoint-%d; continue with --resume_from_checkpoint auto",
+                           trainer.state.global_step)
+            trainer._save_checkpoint(trainer.model, trial=None)
+            _write_identity(state.cfg.run_dir / f"checkpoint-{trainer.state.global_step}", state.identity)
+        raise
+    except pickle.UnpicklingError as e:
+        raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
+                        "without --resume_from_checkpoint") from None
+
+
+def _finalize(state: _Run, result) -> None:
+    """The adapter (the best checkpoint's or the last weights), trainer_state.json, train_results.json, loss.png."""
+    cfg, trainer, sharded = state.cfg, state.trainer, state.sharded
+    trainer.save_state()  # trainer_state.json in the run folder
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    if best and trainer.is_world_process_zero():
+        last = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+        logger.info("adapter: the best checkpoint by validation loss, %s (eval_loss %.4f; the last evaluation's "
+                    "%s); --load_best_model_at_end false keeps the last weights", Path(best).name,
+                    trainer.state.best_metric, f"{last:.4f}" if last is not None else "?")
+    _save_adapter(trainer, state.processor, cfg, sharded)
+    loss = None
+    if state.eval_ds is not None and cfg.eval_strategy != "no" and (sharded or trainer.is_world_process_zero()):
+        # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
+        # trainer_state.json averages per-batch means instead). Sharded weights are gathered layer by layer in
+        # the forward pass, a collective step: then every process computes it.
+        loss = answer_loss(trainer.model_wrapped if sharded else trainer.model, state.processor, state.eval_ds,
+                           cfg.per_device_eval_batch_size)
+    if not trainer.is_world_process_zero():
+        return
+    metrics = dict(result.metrics)
+    metrics.update(global_step=trainer.state.global_step, num_train_samples=len(trainer.train_dataset),
+                   best_checkpoint=Path(best).name if best else None,
+                   train_wall_seconds=round(time.time() - state.started, 2),
+                   seconds_to_first_step=state.first_step.seconds, **peak_memory_mb())
+    if loss is not None:
+        metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
+    write_json(cfg.run_dir / "train_results.json", metrics)
+    plot_loss_curves(trainer.state.log_history, cfg.run_dir / "loss.png")
+    logger.info("loss curves: %s", cfg.run_dir / "loss.png")
+    logger.info("training done: %d steps in %.1f s, peak memory %s", trainer.state.global_step,
+                metrics["train_wall_seconds"], {k: v for k, v in metrics.items() if k.startswith("peak")})
+
 
 
 class _NonFiniteLoss(UserError):
@@ -243,7 +406,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         bf16=dtype == torch.bfloat16,  # autocast on CPU too: k-bit preparation leaves fp32 norms beside bf16
         fp16=on_gpu and dtype == torch.float16,
         use_cpu=not on_gpu and _sharding(cfg) is None,  # accelerate drops DeepSpeed when told use_cpu
-        train_sampling_strategy="random",  # length grouping is decided from the data (training_data.py)
+        train_sampling_strategy="random",  # length grouping is decided from the data (sampling.py)
         remove_unused_columns=False,
         label_names=["labels"],
         report_to="none",
@@ -265,7 +428,7 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
 
 def keeps_best(cfg: Config) -> bool:
     """Whether the checkpoint of the best validation loss becomes the adapter: by default whenever every
-    evaluation has a checkpoint (a run that over-fits in its last epochs keeps its best state), and always with
+    checkpoint falls on an evaluation (a run that over-fits in its last epochs keeps its best state), and always with
     early stopping; `load_best_model_at_end: false` keeps the last epoch's weights."""
     if "load_best_model_at_end" in cfg.trainer_args:
         return bool(cfg.trainer_args["load_best_model_at_end"])
@@ -406,118 +569,3 @@ def _check_sharding(cfg: Config) -> None:
         raise UserError(f"train_quantization_bit: {cfg.train_quantization_bit} with {sharded} is not supported "
                         "here: 4/8-bit bases train on one GPU or with DDP (configs/accelerate/ddp.yaml). Set "
                         "train_quantization_bit: null to shard a 16-bit model instead")
-
-
-def run(cfg: Config) -> int:
-    _check_packing(cfg)
-    _check_gpu_options(cfg)
-    _check_sharding(cfg)
-    if not cfg.overwrite_output_dir:
-        check_adapter_owner(cfg, cfg.lora_dir)
-    _check_writable(cfg.run_dir)
-    refuse_foreign(cfg.lora_dir)  # now, not after training: the adapter folder is replaced whole at the end
-    # Only the main process owns the run folder (accelerate/torchrun start one process per GPU).
-    main_process = os.environ.get("RANK", "0") == "0"
-    with run_lock(cfg.run_dir, "train") if main_process else contextlib.nullcontext():
-        if main_process:
-            remove_stale_temporaries(cfg.run_dir)
-        return _train(cfg)
-
-
-def _train(cfg: Config) -> int:
-    resume = _resolve_resume(cfg)
-    # Built first: under torchrun/accelerate it joins the process group, so the main process can go first below.
-    args = _training_arguments(cfg)
-    # One writer for the shared files (split.json, a built/fetched/converted model): the main process makes them,
-    # the others wait and then read them.
-    with args.main_process_first(local=False, desc="data split and model files"):
-        examples = load_examples(cfg, for_training=True)  # data errors surface before the model loads
-        if not examples["train"]:
-            raise UserError("no training samples")
-        source = resolve_model(cfg)
-    identity = _identity(cfg, source, examples["train"])
-    if resume:
-        _check_resume(resume, identity)
-    reset_peak_memory()
-    started = time.time()
-    set_seed(cfg.seed)  # before the model exists: LoRA's initial weights come from this generator
-    model, processor = load_base(cfg, "train")
-    model = attach_lora(model, cfg)
-    encoder = Encoder(processor, cfg)
-    cache = cfg.run_dir / "cache"
-    train_examples, weights = balance(examples["train"], cfg)
-    transform = augmentation(cfg)
-    with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
-        train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples,
-                                 cache, "train")
-        eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") \
-            if examples["validation"] else None
-    train_ds.weights = weights
-    if not len(train_ds):
-        raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
-    if weights is None and not cfg.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
-                                                            cfg.per_device_train_batch_size):
-        args.train_sampling_strategy = "group_by_length"
-    if eval_ds is not None and not len(eval_ds):
-        logger.warning("every validation sample is longer than max_length=%d: no validation loss this run "
-                       "(raise max_length to get one)", cfg.max_length)
-        eval_ds = None
-    if eval_ds is None:  # nothing to validate: no evaluations, and the last weights are the adapter
-        args.eval_strategy, args.load_best_model_at_end = "no", False
-    first_step = _FirstStep()
-    callbacks = [_ProgressLog(), _RecordIdentity(identity), _RisingValidationLoss(), first_step]
-    if cfg.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
-    trainer = _LoraTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          data_collator=_make_collator(processor, cfg),
-                          processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
-    sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled  # weights may be split across processes
-    trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
-    if trainer.answer_only:
-        trainer.fused = fused_loss_backend(model, cfg.fused_loss, sharded)
-        logger.info("loss: answer-only %s", f"fused linear cross-entropy ({trainer.fused})" if trainer.fused
-                    else "logits")
-    if resume:
-        step = int(str(resume).rstrip("/").rsplit("-", 1)[-1]) if "checkpoint-" in str(resume) else "?"
-        logger.info("resuming from %s (global step %s)", resume, step)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        if trainer.state.global_step > 0:
-            logger.warning("interrupted: saving checkpoint-%d; continue with --resume_from_checkpoint auto",
-                           trainer.state.global_step)
-            trainer._save_checkpoint(trainer.model, trial=None)
-            _write_identity(cfg.run_dir / f"checkpoint-{trainer.state.global_step}", identity)
-        raise
-    except pickle.UnpicklingError as e:
-        raise UserError(refused_pickle(resume, e) + "; resume only checkpoints you wrote yourself, or start fresh "
-                        "without --resume_from_checkpoint") from None
-    trainer.save_state()  # trainer_state.json in the run folder
-    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
-    if best and trainer.is_world_process_zero():
-        last = next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-        logger.info("adapter: the best checkpoint by validation loss, %s (eval_loss %.4f; the last evaluation's "
-                    "%s); --load_best_model_at_end false keeps the last weights", Path(best).name,
-                    trainer.state.best_metric, f"{last:.4f}" if last is not None else "?")
-    _save_adapter(trainer, processor, cfg, sharded)
-    loss = None
-    if eval_ds is not None and cfg.eval_strategy != "no" and (sharded or trainer.is_world_process_zero()):
-        # Token-weighted over answer tokens, as in eval_results.json (the Trainer's own eval_loss in
-        # trainer_state.json averages per-batch means instead). Sharded weights are gathered layer by layer in
-        # the forward pass, a collective step: then every process computes it.
-        loss = answer_loss(trainer.model_wrapped if sharded else trainer.model, processor, eval_ds,
-                           cfg.per_device_eval_batch_size)
-    if trainer.is_world_process_zero():
-        metrics = dict(result.metrics)
-        metrics.update(global_step=trainer.state.global_step, num_train_samples=len(train_ds),
-                       best_checkpoint=Path(best).name if best else None,
-                       train_wall_seconds=round(time.time() - started, 2),
-                       seconds_to_first_step=first_step.seconds, **peak_memory_mb())
-        if loss is not None:
-            metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
-        write_json(cfg.run_dir / "train_results.json", metrics)
-        plot_loss_curves(trainer.state.log_history, cfg.run_dir / "loss.png")
-        logger.info("loss curves: %s", cfg.run_dir / "loss.png")
-        logger.info("training done: %d steps in %.1f s, peak memory %s", trainer.state.global_step,
-                    metrics["train_wall_seconds"], {k: v for k, v in metrics.items() if k.startswith("peak")})
-    return 0

@@ -23,7 +23,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_files import load_label_map
+    from data_loading import load_label_map
     from structured import label_schema, parse_and_check
 
     parser = argparse.ArgumentParser()

@@ -78,7 +78,7 @@ def real_tokens(model_path: Path, data: Path) -> int:
     from transformers import AutoTokenizer
 
     from config import build_config
-    from data_files import load_data_file
+    from data_loading import load_data_file
     from data_processing import Encoder
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -173,7 +173,7 @@ def run_generation(model: Path, data: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config import build_config
-    from data_files import load_data_file
+    from data_loading import load_data_file
     from generation import generate_batch
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -250,7 +250,7 @@ def validation_loss(model_path: Path, adapter: str, data: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from config import build_config
-    from data_files import load_data_file
+    from data_loading import load_data_file
     from data_processing import Collator, Encoder
 
     tok = AutoTokenizer.from_pretrained(model_path)

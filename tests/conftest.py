@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from model_sources import PACKAGED  # noqa: E402 - needs ROOT on sys.path
+from model_resolver import PACKAGED  # noqa: E402 - needs ROOT on sys.path
 
 SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL_PREFIX, _ = PACKAGED["smollm2-135m-instruct"]
 
@@ -51,7 +51,7 @@ def smollm2_wheel(tmp_path_factory):
 def smollm2(smollm2_wheel):
     """The demo's way in: fetch_model with the folder absent (here the wheel is already beside it)."""
     from config import build_config
-    from model_sources import resolve_model
+    from model_resolver import resolve_model
 
     target = smollm2_wheel.parent / "SmolLM2-135M-Instruct"
     cfg = build_config({"model_name_or_path": str(target), "fetch_model": "smollm2-135m-instruct"}, "test")

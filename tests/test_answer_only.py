@@ -9,7 +9,7 @@ import torch
 import losses
 from config import build_config
 from conftest import ROOT, run_main, small_llm_data
-from data_files import Example
+from data_loading import Example
 from data_processing import Collator, Encoder
 from losses import _ChunkedLinearCrossEntropy, answer_only_loss, fused_answer_loss, fused_loss_backend
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from config import build_config
 from conftest import ROOT, run_main, small_llm_data
-from data_files import Example
+from data_loading import Example
 from data_processing import Encoder, end_of_turn_ids
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from config import UserError, build_config
-from data_files import Example, load_data_file
+from data_loading import Example, load_data_file
 from data_processing import (
     IGNORE_INDEX,
     Collator,

@@ -11,7 +11,7 @@ import torch
 
 from config import UserError
 from conftest import ROOT, run_cli, run_main, small_llm_data, write_json
-from data_files import load_data_file
+from data_loading import load_data_file
 
 DEMO = str(ROOT / "configs" / "demo_llm.yaml")
 DEMO_VLM = str(ROOT / "configs" / "demo_vlm.yaml")
@@ -75,7 +75,7 @@ def test_export_of_a_vlm_matches_base_plus_adapter(models, tmp_path):
     base = AutoModelForImageTextToText.from_pretrained(models("qwen3_vl"))
     with_adapter = PeftModel.from_pretrained(base, str(run_dir / "lora_model")).eval()
     processor = AutoProcessor.from_pretrained(run_dir / "merged")
-    from data_files import load_image
+    from data_loading import load_image
 
     image = load_image(str(sorted((ROOT / "data/vlm/images").iterdir())[0]))
     msgs = [{"role": "user", "content": [{"type": "image", "image": "x"}, {"type": "text", "text": "look"}]}]

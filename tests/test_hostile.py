@@ -143,7 +143,7 @@ def _vlm_cfg(tmp_path, folder, **kw):
 
 
 def test_added_images_never_move_and_changed_seed_keeps_the_split(tmp_path, caplog):
-    from data_files import vlm_split
+    from data_loading import vlm_split
 
     names = [f"{c}_{i}.jpg" for c in ("000", "130", "141") for i in range(5)]
     folder = _vlm_images(tmp_path, names)
@@ -177,7 +177,7 @@ def test_vlm_resume_after_images_were_added_is_refused(models, tmp_path, capsys)
 
 
 def test_missing_validation_images_are_named(tmp_path, caplog):
-    from data_files import vlm_split
+    from data_loading import vlm_split
 
     folder = _vlm_images(tmp_path, [f"000_{i}.jpg" for i in range(6)])
     split = vlm_split(_vlm_cfg(tmp_path, folder), write=True)
@@ -193,7 +193,7 @@ def test_missing_validation_images_are_named(tmp_path, caplog):
     ('{"train": "x", "validation": []}', "expected {\"train\""),
 ])
 def test_damaged_split_file_is_refused_by_name(tmp_path, content, fragment):
-    from data_files import vlm_split
+    from data_loading import vlm_split
 
     folder = _vlm_images(tmp_path, ["000_a.jpg", "000_b.jpg"])
     split_file = tmp_path / "out" / "m" / "split.json"
@@ -204,7 +204,7 @@ def test_damaged_split_file_is_refused_by_name(tmp_path, content, fragment):
 
 
 def test_duplicate_label_field_is_refused(tmp_path):
-    from data_files import load_label_map
+    from data_loading import load_label_map
 
     lm = write_json(tmp_path / "lm.json", {"positions": [{"field": "status", "map": {"0": "ok"}},
                                                          {"field": "status", "map": {"0": "x"}}]})
@@ -216,7 +216,7 @@ def test_duplicate_label_field_is_refused(tmp_path):
 def test_sixteen_bit_png_is_scaled_not_white(tmp_path):
     import numpy as np
 
-    from data_files import load_image
+    from data_loading import load_image
 
     ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (16, 1))
     path = tmp_path / "000_deep.png"
@@ -229,7 +229,7 @@ def test_sixteen_bit_png_is_scaled_not_white(tmp_path):
 
 
 def test_truncated_and_elongated_images_are_caught_early(tmp_path):
-    from data_files import check_image
+    from data_loading import check_image
 
     good = sorted((ROOT / "data/vlm/images").iterdir())[0]
     cut = tmp_path / "000_cut.jpg"
@@ -242,7 +242,7 @@ def test_truncated_and_elongated_images_are_caught_early(tmp_path):
 
 
 def test_skipped_files_are_logged_and_more_formats_accepted(tmp_path, caplog):
-    from data_files import list_images
+    from data_loading import list_images
 
     folder = _vlm_images(tmp_path, ["000_a.jpg"])
     Image.new("RGB", (32, 32)).save(folder / "000_b.gif")

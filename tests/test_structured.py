@@ -73,7 +73,7 @@ def test_vlm_field_confidence_equals_whole_sequence_scoring_with_the_image(model
     candidate's whole sequence, image and all, on its own."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data_files import load_image
+    from data_loading import load_image
 
     processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
     model = AutoModelForImageTextToText.from_pretrained(models("qwen3_vl")).eval()

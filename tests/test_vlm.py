@@ -8,7 +8,7 @@ import pytest
 
 from config import UserError, build_config
 from conftest import ROOT, run_cli, run_main, write_json
-from data_files import decode_code, label_code, load_label_map, stratified_split, target_json, vlm_split
+from data_loading import decode_code, label_code, load_label_map, stratified_split, target_json, vlm_split
 from data_processing import IGNORE_INDEX, Collator, Encoder
 from structured import parse_json
 
@@ -164,7 +164,7 @@ def test_every_processor_output_reaches_the_model(models, tmp_path):
 
 
 def test_max_eval_samples_takes_every_code():
-    from data_files import Example, stratified_subset
+    from data_loading import Example, stratified_subset
 
     examples = [Example("", "{}", image=f"{code}_{i}.jpg") for code in ("000", "131", "142") for i in range(10)]
     subset = stratified_subset(examples, 6, seed=1)

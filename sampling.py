@@ -1,12 +1,13 @@
-"""Shaping the training set: batches of similar length, and for VLMs class balancing over label codes and
-online image augmentation.
+"""How training draws its samples: batches of similar length, and for VLMs class balancing over label codes
+(oversampled copies or a weighted sampler).
 
     python main.py --task train [--group_by_length true|false]
     python main.py --task train --model_type vlm --balance oversample
-    python main.py --task train --model_type vlm --balance weighted --augmentation hflip,color --augmentation_p 0.5
+    python main.py --task train --model_type vlm --balance weighted
 
 All touch the training split only; validation, evaluate and inference never see them. All are seeded
-(`seed`): the same run draws the same batches, copies, samples and transforms.
+(`seed`): the same run draws the same batches, copies and samples, resumed or not. (Image augmentation, applied
+when a sample is encoded, is in data_processing.py.)
 """
 
 from __future__ import annotations
@@ -19,20 +20,9 @@ from pathlib import Path
 import torch
 
 from config import Config, UserError
-from data_files import Example, label_code
+from data_loading import Example, label_code
 
 logger = logging.getLogger(__name__)
-
-# name -> what it does and which labels it can falsify (the README repeats the warnings)
-AUGMENTATIONS = {
-    "hflip": "mirror left-right (wrong if a label depends on left/right)",
-    "vflip": "mirror top-bottom (wrong if a label depends on up/down, e.g. a jet's direction)",
-    "rotate": "rotate up to 10 degrees (wrong for orientation labels)",
-    "crop": "zoom into a random crop of 80-100% and resize back (can cut a small defect out of the frame)",
-    "color": "jitter brightness, contrast and saturation by 20% (wrong for day/night, colour or lighting labels)",
-    "blur": "Gaussian blur, sigma 0.1-1.5 (wrong for focus or sharpness labels)",
-}
-
 
 def _code(e: Example) -> str:
     return label_code(Path(e.image)) if e.image else ""
@@ -67,32 +57,6 @@ def balance(examples: list[Example], cfg: Config) -> tuple[list[Example], list[f
         out += [rng.choice(members) for _ in range(top - len(members))]
     logger.info("balance oversample: after: %s (%d samples, was %d)", _counts(out), len(out), len(examples))
     return out, None
-
-
-def augmentation(cfg: Config):
-    """A torchvision v2 transform (PIL in, PIL out) applying each chosen augmentation with probability
-    `augmentation_p`, or None when none is chosen."""
-    if not cfg.augmentation:
-        return None
-    if cfg.model_type != "vlm":
-        raise UserError("`augmentation` transforms images; set augmentation: [] for model_type llm")
-    unknown = [a for a in cfg.augmentation if a not in AUGMENTATIONS]
-    if unknown:
-        raise UserError(f"`augmentation` {unknown} unknown; choose from {', '.join(AUGMENTATIONS)}")
-    from torchvision.transforms import v2
-
-    p = cfg.augmentation_p
-    parts = {
-        "hflip": lambda: v2.RandomHorizontalFlip(p),
-        "vflip": lambda: v2.RandomVerticalFlip(p),
-        "rotate": lambda: v2.RandomApply([v2.RandomRotation(10)], p),
-        "crop": lambda: v2.RandomApply([v2.RandomAffine(degrees=0, scale=(1.0, 1.25))], p),
-        "color": lambda: v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)], p),
-        "blur": lambda: v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p),
-    }
-    logger.info("augmenting training images online (p=%.2f each): %s", p,
-                "; ".join(f"{a}: {AUGMENTATIONS[a]}" for a in cfg.augmentation))
-    return v2.Compose([parts[a]() for a in cfg.augmentation])
 
 
 _GROUP_ABOVE = 0.10  # group_by_length auto: the share of padding that random batches must exceed

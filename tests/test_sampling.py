@@ -9,8 +9,9 @@ import torch
 
 from config import UserError, build_config
 from conftest import ROOT, run_main
-from data_files import Example
-from training_data import LengthGroupedSampler, augmentation, balance, use_grouping
+from data_loading import Example
+from data_processing import augmentation
+from sampling import LengthGroupedSampler, balance, use_grouping
 
 DEMO_VLM = str(ROOT / "configs" / "demo_vlm.yaml")
 

