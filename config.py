@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import enum
+import functools
 import logging
 import math
 import os
 import re
 import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -29,11 +33,24 @@ class UserError(Exception):
     """A problem the user can fix (bad input, bad config, missing file). main() prints it and exits 2."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False):
-    meta = {"help": help, "choices": choices, "cli_only": cli_only}
+def _f(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False, library: str | None = None,
+       library_name: str | None = None, why: str = ""):
+    meta = {"help": help, "choices": choices, "cli_only": cli_only, "library": library,
+            "library_name": library_name, "why": why}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _lib(owner: str, default: Any, why: str = "", name: str | None = None):
+    """A key that is a field of the library's `owner` dataclass (TrainingArguments, or peft's LoraConfig under
+    `name` there): its type, help and allowed values are the library's, read from that field when first needed
+    (library_field), for the first parse runs before transformers is imported. The default is written here for
+    that reason; `why` says why it differs from the library's (tests/test_config.py checks that each does)."""
+    return _f(default, "", library=owner, library_name=name, why=why)
+
+
+_TA, _LORA = "TrainingArguments", "LoraConfig"
 
 
 @dataclass
@@ -90,25 +107,28 @@ class Config:
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: str = _f("./output", "root of the outputs; each base model gets output_dir/<model-name>/")
     # --- training ---------------------------------------------------------------------------------
-    num_train_epochs: float = _f(3.0, "passes over the training data")
-    per_device_train_batch_size: int = _f(2, "samples per step and device")
-    per_device_eval_batch_size: int = _f(8, "samples per evaluation/generation batch")
-    gradient_accumulation_steps: int = _f(1, "steps whose gradients add up before one optimizer update")
-    learning_rate: float = _f(2e-4, "peak learning rate (LoRA: 1e-4 to 1e-3)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.03, "share of the steps spent warming the learning rate up")
-    lr_scheduler_type: str = _f("cosine", "learning-rate schedule",
-                                ("linear", "cosine", "constant", "constant_with_warmup"))
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    logging_steps: int = _f(10, "log the loss every N optimizer steps")
-    save_strategy: str = _f("epoch", "when to write checkpoint-N: epoch, steps (every save_steps) or no",
-                            ("epoch", "steps", "no"))
-    save_steps: int = _f(500, "with save_strategy: steps, save every N optimizer steps")
-    eval_strategy: str = _f("epoch", "when to compute the validation loss: epoch, steps or no",
-                            ("epoch", "steps", "no"))
-    save_total_limit: int | None = _f(3, "keep at most N checkpoints (null keeps all)")
-    seed: int = _f(42, "random seed (initialisation, shuffling, the VLM split)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    # TrainingArguments fields this tool's own code reads too; every other field passes through (trainer_args).
+    num_train_epochs: Any = _lib(_TA, 3.0)
+    per_device_train_batch_size: Any = _lib(_TA, 2, "a 1.7B base with LoRA and 1024-token samples fits 8 GB")
+    per_device_eval_batch_size: Any = _lib(_TA, 8)
+    gradient_accumulation_steps: Any = _lib(_TA, 1)
+    learning_rate: Any = _lib(_TA, 2e-4, "LoRA trains small new matrices: 1e-4 to 1e-3, not full fine-tuning's "
+                              "5e-5")
+    weight_decay: Any = _lib(_TA, 0.0)
+    warmup_ratio: float = _f(0.03, "share of the steps spent warming the learning rate up (transformers 5 dropped "
+                             "this TrainingArguments field: it is passed as warmup_steps < 1)")
+    lr_scheduler_type: Any = _lib(_TA, "cosine", "decays to zero by the last step, where LoRA runs end best")
+    max_grad_norm: Any = _lib(_TA, 1.0)
+    logging_steps: Any = _lib(_TA, 10, "small datasets run a few hundred steps: 500 would log nothing")
+    save_strategy: Any = _lib(_TA, "epoch", "one checkpoint per epoch, each with a validation loss, so the best "
+                              "one can become the adapter")
+    save_steps: Any = _lib(_TA, 500)
+    eval_strategy: Any = _lib(_TA, "epoch", "the validation loss per epoch shows over-fitting and picks the best "
+                              "checkpoint")
+    save_total_limit: Any = _lib(_TA, 3, "bounds the disk a long run fills (the library keeps every checkpoint)")
+    seed: Any = _lib(_TA, 42)
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory (set on the "
+                                      "model by this tool, k-bit preparation included, not by TrainingArguments)")
     group_by_length: str = _f("auto", "batch samples of similar length together (less padding; batches drawn in "
                               "random order): auto (only when random batches would pad more than 10% of the "
                               "tokens), true or false", ("auto", "true", "false"))
@@ -118,8 +138,8 @@ class Config:
                          "logits: auto (liger on a CUDA GPU when liger-kernel is installed, else torch), torch, "
                          "liger or off", ("auto", "torch", "liger", "off"))
     packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
-    use_liger_kernel: bool = _f(False, "use Liger kernels (GPU, package liger-kernel)")
-    torch_compile: bool = _f(False, "compile the model with torch.compile (GPU)")
+    use_liger_kernel: Any = _lib(_TA, False)
+    torch_compile: Any = _lib(_TA, False)
     resume_from_checkpoint: str | None = _f(None, "auto (latest complete checkpoint-N in the run folder) or a path")
     overwrite_output_dir: bool = _f(False, "allow training over an adapter of another base model")
     early_stopping_patience: int | None = _f(None, "stop after N evaluations without a better eval_loss (keeps the "
@@ -128,10 +148,14 @@ class Config:
                             "report_to, deepspeed, ...), given as a top-level key or flag; TrainingArguments "
                             "validates them")
     # --- LoRA -------------------------------------------------------------------------------------
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = alpha / r); usually 2 x r")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA input, in [0, 1)")
-    target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA, or all-linear")
+    # LoraConfig fields under their peft names (r as lora_r); every other field passes through (lora_args).
+    lora_r: Any = _lib(_LORA, 8, name="r")
+    lora_alpha: Any = _lib(_LORA, 16, "scale = alpha / r = 2, as most LoRA recipes use")
+    lora_dropout: Any = _lib(_LORA, 0.05, "a little dropout against over-fitting small datasets")
+    target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA (names, or all-linear); matched "
+                                   "against the model by this tool, which reports names the model lacks")
+    lora_args: dict = _f({}, "any other peft LoraConfig field (use_dora, use_rslora, init_lora_weights, "
+                         "layers_to_transform, ...), given as a top-level key or flag; LoraConfig validates them")
     # --- generation (evaluate and inference) -----------------------------------------------------
     max_new_tokens: int = _f(512, "most tokens generated per answer")
     temperature: float = _f(0.0, "sampling temperature; 0 means greedy decoding")
@@ -194,6 +218,12 @@ class Config:
     def lora_dir(self) -> Path:
         return self.run_dir / "lora_model"
 
+    def library_values(self, owner: str) -> dict[str, Any]:
+        """This run's values of the keys that are fields of `owner` (TrainingArguments or LoraConfig), under the
+        library's names."""
+        return {f.metadata["library_name"] or f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["library"] == owner}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -227,28 +257,52 @@ PATH_KEYS = ("model_name_or_path", "data_dir", "image_dir", "prompt_file", "labe
 _SHORT = reprlib.Repr()  # values echoed in messages stay short, whatever the user passed
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 _HINTS = get_type_hints(Config)
+# Allowed values of a library field this tool does not take, and why.
+_LEFT_OUT = {"save_strategy": {"best": "saves only improving checkpoints, so resuming would restart from an old "
+                                       "one; the best checkpoint becomes the adapter anyway"}}
 
 
-def _base_type(name: str):
-    """The non-None type of a field (int for `int | None`, list for `list[str]`)."""
-    hint = _HINTS[name]
-    args = [a for a in get_args(hint) if a is not type(None)]
+@functools.cache
+def library_field(name: str) -> tuple[dataclasses.Field, Any]:
+    """The library's dataclass field behind one of this tool's keys, and its resolved type (imports the library:
+    called once the first parse has decided which libraries the run leaves out)."""
+    meta = FIELDS[name].metadata
+    if meta["library"] == _LORA:
+        from peft import LoraConfig as owner
+    else:
+        from transformers import TrainingArguments as owner
+    found = {f.name: f for f in dataclasses.fields(owner)}[meta["library_name"] or name]
+    hint = get_type_hints(owner)[found.name] if isinstance(found.type, str) else found.type
+    return found, hint
+
+
+def _kind(name: str, library: bool = True) -> tuple[Any, bool, tuple | None]:
+    """(base type, nullable, allowed values) of a key: list for `list[str]`, int for `int | None`; a library
+    key's from the library's own field, an enum's values its allowed values (None for the base type when
+    `library` is False: the first parse leaves library keys as the YAML reads them)."""
+    meta = FIELDS[name].metadata
+    if meta["library"] and not library:
+        return None, True, None
+    hint = library_field(name)[1] if meta["library"] else _HINTS[name]
     if get_origin(hint) is list:
-        return list
-    return args[0] if args else hint
+        return list, False, meta["choices"]
+    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
+    nullable = type(None) in get_args(hint)
+    enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+    if enums:
+        return str, nullable, tuple(e.value for e in enums[0] if e.value not in _LEFT_OUT.get(name, {}))
+    return args[0], nullable, meta["choices"]
 
 
-def _nullable(name: str) -> bool:
-    return type(None) in get_args(_HINTS[name])
-
-
-def _convert(name: str, value: Any, from_cli: bool) -> Any:
+def _convert(name: str, value: Any, from_cli: bool, library: bool = True) -> Any:
     """Convert one raw value to the field's type, or raise ValueError with a short reason."""
-    base = _base_type(name)
-    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and _nullable(name):
+    base, nullable, _ = _kind(name, library)
+    if base is None:
+        return _scalar(value) if from_cli and isinstance(value, str) else value
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and nullable:
         return None
     if value is None:
-        if _nullable(name):
+        if nullable:
             return None
         raise ValueError("may not be null")
     if base is bool:
@@ -308,6 +362,74 @@ def trainer_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments) if f.init} - set(FIELDS)
 
 
+# LoraConfig fields this tool sets itself, from the model and its own keys.
+_LORA_SET_HERE = {"r": "use lora_r", "task_type": "set by this tool (CAUSAL_LM)",
+                  "fan_in_fan_out": "set by this tool from the model's layer type (GPT-2's Conv1D)",
+                  "inference_mode": "set by this tool (training: false; loading for inference: true)"}
+
+
+def lora_fields() -> set[str]:
+    """peft LoraConfig's field names that may pass through (imports peft: only when a key is not ours)."""
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig) if f.init} - set(FIELDS) - set(_LORA_SET_HERE)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML reads it) fits a plain type hint; hints this does not know pass."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any or isinstance(hint, (str, typing.TypeVar)):
+        return True
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if (origin or hint) in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if (origin or hint) is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check_lora_args(cfg: Config) -> list[str]:
+    """Let LoraConfig itself judge the passed-through LoRA fields, with this run's rank, alpha and dropout."""
+    if not cfg.lora_args:
+        return []
+    from peft import LoraConfig
+
+    # LoraConfig checks its values' meaning but not their types: a YAML "yes" or a typo'd mode would pass.
+    hints = get_type_hints(LoraConfig)
+    wrong = [f"`{k}` = {_SHORT.repr(v)}: LoraConfig expects {_type_name(hints[k])}" for k, v in cfg.lora_args.items()
+             if k in hints and not _fits(v, hints[k])]
+    if wrong:
+        return wrong
+    try:
+        LoraConfig(**cfg.library_values(_LORA), target_modules=["x"], task_type="CAUSAL_LM", **cfg.lora_args)
+    except Exception as e:  # noqa: BLE001 - LoraConfig raises ValueError, TypeError, ...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        blamed = [k for k in cfg.lora_args if k in first] or list(cfg.lora_args)
+        return [f"LoraConfig rejected {', '.join(f'`{k}`' for k in blamed)}: {first}"]
+    return []
+
+
 def _scalar(text: str) -> Any:
     """A flag's text as YAML reads it: 50 -> 50, true -> True, 1e-4 -> 0.0001, a,b stays text."""
     try:
@@ -316,31 +438,35 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _check_trainer_args(passthrough: dict[str, Any], cfg: Config) -> list[str]:
-    """Let TrainingArguments itself judge the passed-through fields, together with this tool's own keys that
-    become TrainingArguments fields (a load_best_model_at_end check sees the strategies the run will use)."""
-    if not passthrough:
+def _check_trainer_args(passthrough: dict[str, Any], cfg: Config, explicit: set[str]) -> list[str]:
+    """Let TrainingArguments itself judge the passed-through fields and the TrainingArguments keys the user set,
+    together with the run's values of all of those keys (a load_best_model_at_end check sees the strategies
+    the run will use)."""
+    library = {k for k, f in FIELDS.items() if f.metadata["library"] == _TA}
+    if not passthrough and not library & explicit:
         return []
     import tempfile
 
     from transformers import TrainingArguments
 
-    ours = {"save_strategy": cfg.save_strategy, "eval_strategy": cfg.eval_strategy, "save_steps": cfg.save_steps,
-            "eval_steps": cfg.save_steps if cfg.eval_strategy == "steps" else None}
+    ours = cfg.library_values(_TA) | {
+        "eval_steps": cfg.save_steps if cfg.eval_strategy == "steps" else None}
     try:
         with tempfile.TemporaryDirectory() as tmp, _outside_process_group():
             args = TrainingArguments(output_dir=tmp, **{"report_to": "none", "use_cpu": True, **ours, **passthrough})
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        shown = ", ".join(f"{k}={v}" for k, v in ours.items() if k not in passthrough and v is not None)
+        given = passthrough | {k: ours[k] for k in library & explicit}
+        context = [k for k in ours if k not in given and k in first] or ["save_strategy", "eval_strategy"]
+        shown = ", ".join(f"{k}={ours[k]}" for k in context if ours[k] is not None)
         # Blame the keys the message names (by name or value), else all of them.
-        blamed = [k for k, v in passthrough.items() if k in first or (
-            isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) in first)] or list(passthrough)
+        blamed = [k for k, v in given.items() if k in first or (
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) in first)] or list(given)
         return [f"TrainingArguments rejected {', '.join(f'`{k}`' for k in blamed)} (with this run's {shown}): "
                 f"{first}"]
     lr_scheduler_type = cfg.lr_scheduler_type
     problems = _check_optimizer(args, lr_scheduler_type) if {"optim", "optim_args", "lr_scheduler_kwargs"} & set(
-        passthrough) else []
+        passthrough) or "lr_scheduler_type" in explicit else []
     if args.metric_for_best_model and args.metric_for_best_model.removeprefix("eval_") != "loss":
         problems.append(f"`metric_for_best_model` = {args.metric_for_best_model!r}: evaluation during training "
                         "reports only the validation loss; use loss (or leave it unset)")
@@ -406,6 +532,8 @@ def _check_optimizer(args, lr_scheduler_type: str) -> list[str]:
         get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=1, num_training_steps=10,
                       scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
     except (TypeError, ValueError) as e:
+        if not args.lr_scheduler_kwargs:
+            return [f"`lr_scheduler_type` {lr_scheduler_type} needs `lr_scheduler_kwargs`: {str(e)[:200]}"]
         return [f"`lr_scheduler_kwargs` {args.lr_scheduler_kwargs!r} do not fit lr_scheduler_type "
                 f"{lr_scheduler_type}: {str(e)[:200]}"]
     return []
@@ -473,37 +601,45 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
                  problems: list[str] | None = None, library_checks: bool = True) -> Config:
     """Merge defaults < raw (from `source`) < cli, convert and validate; raise one UserError listing all problems
     (`problems` found earlier, e.g. unknown flags, are reported in the same message). `library_checks=False`
-    takes every key that is not ours as a TrainingArguments field unchecked, without importing transformers."""
+    takes every key that is not ours as a TrainingArguments field and leaves the library keys unconverted and
+    unchecked, without importing transformers (the first parse, which decides what the run leaves out)."""
     problems = list(problems or [])
     values: dict[str, Any] = {}
     passthrough: dict[str, Any] = {}
-    failed: set[str] = set()
+    lora_passthrough: dict[str, Any] = {}
+    failed: set[str] = set() if library_checks else {k for k, f in FIELDS.items() if f.metadata["library"]}
     for layer, where, from_cli in ((raw, source, False), (cli or {}, "command line", True)):
         for key, value in layer.items():
-            if key == "trainer_args" and isinstance(value, dict):  # a saved run_config.yaml
-                passthrough.update(value)
+            if key in ("trainer_args", "lora_args") and isinstance(value, dict):  # a saved run_config.yaml
+                (passthrough if key == "trainer_args" else lora_passthrough).update(value)
                 continue
             if key not in FIELDS:
+                flag = f"--{key}" if from_cli else f"`{key}`"
                 if not library_checks or key in trainer_fields():
                     passthrough[key] = _scalar(value) if from_cli else value
-                    continue
-                flag = f"--{key}" if from_cli else f"`{key}`"
-                problems.append(f"{where}: unknown {'flag' if from_cli else 'key'} {flag}{_suggest(key)}")
+                elif key in lora_fields():
+                    lora_passthrough[key] = _scalar(value) if from_cli else value
+                elif key in _LORA_SET_HERE:
+                    problems.append(f"{where}: {flag}: {_LORA_SET_HERE[key]}")
+                else:
+                    problems.append(f"{where}: unknown {'flag' if from_cli else 'key'} {flag}{_suggest(key)}")
                 continue
             try:
-                values[key] = _convert(key, value, from_cli)
+                values[key] = _convert(key, value, from_cli, library_checks)
             except ValueError as e:
                 failed.add(key)
                 values.pop(key, None)
-                choices = FIELDS[key].metadata["choices"]
+                choices = _kind(key)[2]
                 allowed = ", ".join("null" if c is None else str(c) for c in choices or ())
                 hint = f"; use one of: {allowed}" if choices else ""
                 problems.append(f"{where}: `{key}` {e}{hint}")
                 continue
-            choices = FIELDS[key].metadata["choices"]
-            if choices is not None and values[key] not in choices and not (values[key] is None and _nullable(key)):
+            _, nullable, choices = _kind(key, library_checks)
+            if choices is not None and values[key] not in choices and not (values[key] is None and nullable):
                 allowed = ", ".join("null" if c is None else str(c) for c in choices)
-                problems.append(f"{where}: `{key}` = {_SHORT.repr(value)} is not allowed; use one of: {allowed}")
+                why = _LEFT_OUT.get(key, {}).get(values[key])
+                problems.append(f"{where}: `{key}` = {_SHORT.repr(value)} is not "
+                                f"{f'taken here: it {why}' if why else 'allowed'}; use one of: {allowed}")
                 failed.add(key)
                 values.pop(key)
     # The keys that converted are range-checked now too: every problem is reported in one message.
@@ -516,7 +652,7 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
         cfg.device = "cuda:0"
     if len(cfg.target_modules) == 1 and cfg.target_modules[0] in ("all-linear", "all_linear"):
         cfg.target_modules = ["all-linear"]
-    cfg.trainer_args = passthrough
+    cfg.trainer_args, cfg.lora_args = passthrough, lora_passthrough
     if (cfg.early_stopping_patience and "early_stopping_patience" in (cli or {})
             and passthrough.get("load_best_model_at_end") is False and "load_best_model_at_end" not in (cli or {})):
         # The command line outranks the file: asking for early stopping there asks for its best checkpoint too.
@@ -526,7 +662,11 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     if "warmup_steps" in passthrough and "warmup_ratio" in set(raw) | set(cli or ()):
         problems.append("`warmup_ratio` and `warmup_steps` are both set: keep one (warmup_steps counts optimizer "
                         "steps, warmup_ratio is a share of all steps)")
-    problems += _check_ranges(cfg, failed) + (_check_trainer_args(passthrough, cfg) if library_checks else [])
+    ranges = _check_ranges(cfg, failed)
+    problems += ranges
+    if library_checks and not any(p.startswith(f"`{k}`") for p in ranges for k in FIELDS
+                                  if FIELDS[k].metadata["library"]):  # the library would only say it again
+        problems += _check_trainer_args(passthrough, cfg, set(raw) | set(cli or ())) + _check_lora_args(cfg)
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
@@ -580,24 +720,44 @@ def default_of(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def flag_help(name: str) -> str:
-    """The key's documentation with its default and allowed values, for --help."""
+def library_default(name: str) -> Any:
+    """The default of the library field behind a library key."""
+    found = library_field(name)[0]
+    return found.default_factory() if found.default is dataclasses.MISSING else found.default
+
+
+def flag_help(name: str, library: bool = True) -> str:
+    """The key's documentation with its default and allowed values, for --help. A library key's text is the
+    library's own help (already escaped for argparse); with `library` False it only names the library."""
     meta = FIELDS[name].metadata
     default = default_of(name)
     shown = "null" if default is None else ",".join(default) if isinstance(default, list) else default
-    text = f"{meta['help']} (default: {shown}"
-    if meta["choices"]:
-        text += "; one of: " + ", ".join("null" if c is None else str(c) for c in meta["choices"])
-    return (text + ")").replace("%", "%%")
+    owner = meta["library"]
+    if not owner:
+        text = meta["help"].replace("%", "%%")
+    elif not library:
+        return f"{owner} field{' ' + meta['library_name'] if meta['library_name'] else ''} (default: {shown})"
+    else:
+        text = (library_field(name)[0].metadata.get("help") or "").strip() or f"{owner} field"
+    text += f" (default: {shown}"
+    if owner and library and meta["why"]:
+        text += f"; {owner}'s: {library_default(name)}, this tool's because it {meta['why']}".replace("%", "%%")
+    choices = _kind(name, library)[2]
+    if choices:
+        text += "; one of: " + ", ".join("null" if c is None else str(c) for c in choices)
+    return text + ")"
 
 
-def add_flags(parser) -> None:
-    """One flag per config key, all parsed as text and converted by build_config (one error list)."""
+def add_flags(parser, library_help: bool = False) -> None:
+    """One flag per config key, all parsed as text and converted by build_config (one error list). A library
+    key may be a bare flag (true) whatever its type: its type is known only once the library is imported, and
+    `library_help` (for --help) imports it for the help text."""
     for name in FIELDS:
-        if name in ("task", "trainer_args"):
+        if name in ("task", "trainer_args", "lora_args"):
             continue
-        if _base_type(name) is bool:
-            parser.add_argument(f"--{name}", nargs="?", const="true", default=None, metavar="BOOL",
-                                help=flag_help(name))
+        library = bool(FIELDS[name].metadata["library"])
+        if library or _kind(name)[0] is bool:
+            parser.add_argument(f"--{name}", nargs="?", const="true", default=None,
+                                metavar="VALUE" if library else "BOOL", help=flag_help(name, library_help))
         else:
             parser.add_argument(f"--{name}", default=None, metavar="VALUE", help=flag_help(name))

@@ -165,6 +165,12 @@ def check(cfg: Config, base: Path) -> None:
         if saved.get("modules_to_save"):
             raise UserError(f"{cfg.lora_dir}: the adapter trains whole modules ({', '.join(saved['modules_to_save'])})"
                             ", which a GGUF LoRA cannot hold; use --export_format gguf (merged)")
+        # llama.cpp's converter reads rank and alpha only: DoRA's magnitudes would be dropped and rsLoRA's
+        # alpha / sqrt(r) scale applied as alpha / r. The merge folds either in exactly.
+        kinds = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if saved.get(key)]
+        if kinds:
+            raise UserError(f"{cfg.lora_dir}: a {' and '.join(kinds)} adapter, which llama.cpp's LoRA GGUF cannot "
+                            "express; use --export_format gguf (merged)")
 
 
 # ----------------------------------------------------------------------------------------------------

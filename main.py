@@ -146,7 +146,7 @@ def parse(argv: list[str] | None, library_checks: bool = True):
     parser.add_argument("--task", choices=list(TASKS), metavar="{" + ",".join(TASKS) + "}",
                         help="required: what to run")
     parser.add_argument("--config", default=None, help="YAML config file (default: config.yaml)")
-    add_flags(parser)
+    add_flags(parser, library_help=bool({"-h", "--help"} & set(sys.argv[1:] if argv is None else argv)))
     args, unknown = parser.parse_known_args(argv)
     problems, extra = [], {}
     i = 0

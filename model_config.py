@@ -303,9 +303,11 @@ def attach_lora(model, cfg: Config):
     conv1d = any(type(m).__name__ == "Conv1D" and n.split(".")[-1] in names for n, m in model.named_modules())
     # An unfrozen vision tower is trained in full; modules_to_save stores it beside the adapter.
     tower = [] if cfg.model_type != "vlm" or cfg.freeze_vision_tower else vision_tower_names(model)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=target, bias="none", task_type="CAUSAL_LM", modules_to_save=tower or None,
-                      fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores weights transposed
+    extra = dict(cfg.lora_args)  # use_dora, use_rslora, ...: validated by LoraConfig at start-up
+    tower += list(extra.pop("modules_to_save", None) or [])
+    lora = LoraConfig(**cfg.library_values("LoraConfig"), target_modules=target, **{"bias": "none", **extra},
+                      task_type="CAUSAL_LM",
+                      modules_to_save=tower or None, fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores weights transposed
     model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad:

@@ -384,23 +384,10 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
     on_gpu = device.type == "cuda"
     fields = dict(
         output_dir=str(cfg.run_dir),
-        num_train_epochs=cfg.num_train_epochs,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
+        **cfg.library_values("TrainingArguments"),  # num_train_epochs, learning_rate, save_strategy, seed, ...
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value < 1 as a share of the steps
         logging_first_step=True,
-        save_strategy=cfg.save_strategy,
-        save_steps=cfg.save_steps,
-        eval_strategy=cfg.eval_strategy,
         eval_steps=cfg.save_steps if cfg.eval_strategy == "steps" else None,
-        save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed,
         data_seed=cfg.seed,
         # Mixed precision follows the base weights; LoRA weights stay fp32 under autocast.
         bf16=dtype == torch.bfloat16,  # autocast on CPU too: k-bit preparation leaves fp32 norms beside bf16
@@ -412,8 +399,6 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
-        use_liger_kernel=cfg.use_liger_kernel,
-        torch_compile=cfg.torch_compile,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     if keeps_best(cfg):  # the best checkpoint (by eval_loss unless told otherwise) becomes the adapter

@@ -36,7 +36,7 @@ def test_every_key_has_a_flag():
     parser = argparse.ArgumentParser()
     add_flags(parser)
     flags = {a.dest for a in parser._actions}
-    assert set(FIELDS) - {"task", "trainer_args"} <= flags  # trainer_args: its fields are the flags
+    assert set(FIELDS) - {"task", "trainer_args", "lora_args"} <= flags  # *_args: their fields are the flags
 
 
 def test_unknown_key_suggests_the_right_one():
@@ -145,3 +145,88 @@ def test_trainer_option_check_stays_outside_the_process_group(monkeypatch):
     assert cfg.trainer_args == {"max_steps": 3, "load_best_model_at_end": False}
     assert {k: os.environ[k] for k in launcher} == launcher
     assert PartialState._shared_state == {}
+
+
+# --- library surfaces: TrainingArguments and LoraConfig keys are the library's own fields ----------------------
+
+def test_library_keys_take_type_help_and_choices_from_the_library():
+    import dataclasses
+
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from config import FIELDS, flag_help, library_default, library_field
+
+    library = {k: f for k, f in FIELDS.items() if f.metadata["library"]}
+    assert {"learning_rate", "lr_scheduler_type", "save_strategy", "lora_r", "lora_alpha"} <= set(library)
+    owners = {"TrainingArguments": TrainingArguments, "LoraConfig": LoraConfig}
+    for key, f in library.items():
+        owner = owners[f.metadata["library"]]
+        found, _ = library_field(key)
+        assert found is {x.name: x for x in dataclasses.fields(owner)}[f.metadata["library_name"] or key]
+        # A default of our own states why; one without a reason is the library's.
+        if not f.metadata["why"]:
+            assert f.default == library_default(key), key
+        assert found.metadata["help"][:40] in flag_help(key, True), key
+    # The scheduler takes every schedule transformers has, not four.
+    cfg = build_config({"lr_scheduler_type": "cosine_with_restarts"}, "x.yaml")
+    assert cfg.lr_scheduler_type == "cosine_with_restarts"
+    with pytest.raises(UserError) as e:
+        build_config({"lr_scheduler_type": "cosinus"}, "x.yaml")
+    assert "inverse_sqrt" in str(e.value) and "warmup_stable_decay" in str(e.value)
+
+
+def test_a_library_value_left_out_says_why():
+    with pytest.raises(UserError) as e:
+        build_config({"save_strategy": "best"}, "x.yaml")
+    assert "resuming would restart from an old one" in str(e.value) and "use one of: no, steps, epoch" in str(e.value)
+
+
+def test_library_keys_converted_from_the_command_line(tmp_path):
+    cfg = parse(["--task", "train", "--learning_rate", "5e-4", "--save_total_limit", "null", "--torch_compile",
+                 "false", "--lora_r", "4"])
+    assert (cfg.learning_rate, cfg.save_total_limit, cfg.torch_compile, cfg.lora_r) == (5e-4, None, False, 4)
+    with pytest.raises(UserError, match="`per_device_train_batch_size`"):
+        build_config({"per_device_train_batch_size": "two"}, "x.yaml")
+
+
+def test_lora_fields_pass_through_and_are_checked():
+    cfg = build_config({"use_rslora": True, "init_lora_weights": "gaussian"}, "x.yaml")
+    assert cfg.lora_args == {"use_rslora": True, "init_lora_weights": "gaussian"}
+    assert "use_rslora" not in cfg.trainer_args
+    with pytest.raises(UserError) as e:
+        build_config({"use_dora": "yes", "r": 4, "task_type": "SEQ_CLS", "init_lora_weights": "gauss"}, "x.yaml")
+    msg = str(e.value)
+    assert "`use_dora` = 'yes': LoraConfig expects bool" in msg
+    assert "`r`: use lora_r" in msg and "`task_type`: set by this tool" in msg
+    with pytest.raises(UserError, match="LoraConfig rejected `layers_pattern`: When `layers_pattern` is specified"):
+        build_config({"layers_pattern": "layers"}, "x.yaml")
+
+
+def test_lora_fields_reach_the_trained_adapter(models, tmp_path):
+    import json
+
+    from conftest import small_llm_data
+
+    args = ["--config", ROOT / "configs/demo_llm.yaml", "--model_name_or_path", models("qwen3"), "--output_dir",
+            tmp_path / "out", "--data_dir", small_llm_data(tmp_path / "data"), "--max_steps", "1",
+            "--save_strategy", "no", "--eval_strategy", "no", "--use_rslora", "true", "--lora_r", "4",
+            "--lr_scheduler_type", "cosine_with_restarts"]
+    assert run_main("--task", "train", *args) == 0
+    run_dir = next((tmp_path / "out").iterdir())
+    adapter = json.loads((run_dir / "lora_model/adapter_config.json").read_text())
+    assert adapter["use_rslora"] is True and adapter["r"] == 4
+    import yaml
+
+    run_cfg = yaml.safe_load((run_dir / "lora_model/run_config.yaml").read_text(encoding="utf-8"))
+    assert run_cfg["lora_args"] == {"use_rslora": True} and run_cfg["lr_scheduler_type"] == "cosine_with_restarts"
+
+
+def test_help_shows_the_librarys_own_text(capsys):
+    from main import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "The initial learning rate for" in out           # TrainingArguments' help for learning_rate
+    assert "Lora attention dimension" in out                 # LoraConfig's help for r

@@ -256,3 +256,10 @@ def test_refusals_before_any_work(models, tiny, tmp_path, capsys):
     assert not stale.exists()
     err = _refused(capsys, "--task", "export", *args, "--export_format", "gguf_lora", "--gguf_type", "q4_k_m")
     assert "a LoRA GGUF is written as f32, f16, bf16, q8_0 only" in err
+    # DoRA and rsLoRA adapters: llama.cpp's LoRA GGUF holds rank and alpha only, so it would apply them wrongly.
+    dora = [*args, "--output_dir", tmp_path / "dora", "--use_dora", "true", "--use_rslora", "true"]
+    assert run_main("--task", "train", *dora, "--num_train_epochs", "1", "--save_strategy", "no",
+                    "--eval_strategy", "no") == 0
+    err = _refused(capsys, "--task", "export", *dora, "--export_format", "gguf_lora")
+    assert "a DoRA and rsLoRA adapter, which llama.cpp's LoRA GGUF cannot express" in err
+    assert "--export_format gguf (merged)" in err
