@@ -137,7 +137,9 @@ class Config:
     fused_loss: str = _f("auto", "with answer_only_logits, compute the training loss without materialising the "
                          "logits: auto (liger on a CUDA GPU when liger-kernel is installed, else torch), torch, "
                          "liger or off", ("auto", "torch", "liger", "off"))
-    packing: bool = _f(False, "LLM: padding-free packing; needs flash_attention_2 on a GPU")
+    packing: str = _f("false", "LLM: the samples of a batch in one row without padding, kept apart by the "
+                      "attention (flash_attention_2, sdpa or eager; checked on the model before training): auto "
+                      "(where that check passes), true (refused where it fails) or false", ("auto", "true", "false"))
     use_liger_kernel: Any = _lib(_TA, False)
     torch_compile: Any = _lib(_TA, False)
     resume_from_checkpoint: str | None = _f(None, "auto (latest complete checkpoint-N in the run folder) or a path")
@@ -756,7 +758,7 @@ def add_flags(parser, library_help: bool = False) -> None:
         if name in ("task", "trainer_args", "lora_args"):
             continue
         library = bool(FIELDS[name].metadata["library"])
-        if library or _kind(name)[0] is bool:
+        if library or _kind(name)[0] is bool or "true" in (_kind(name)[2] or ()):
             parser.add_argument(f"--{name}", nargs="?", const="true", default=None,
                                 metavar="VALUE" if library else "BOOL", help=flag_help(name, library_help))
         else:

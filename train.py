@@ -26,7 +26,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from config import Config, UserError
 from data_loading import load_examples
 from data_processing import Collator, Encoder, augmentation, build_dataset
-from losses import answer_only_loss, fused_answer_loss, fused_loss_backend
+from losses import answer_only_loss, fused_answer_loss, fused_loss_backend, unwrap
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
     attach_lora,
@@ -47,6 +47,7 @@ from outputs import (
     run_lock,
     write_json,
 )
+from packing import keeps_samples_apart, packed_collator
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class _Run:
     trainer: _LoraTrainer | None = None
     sharded: bool = False  # weights split across processes (ZeRO-3, FSDP)
     eval_ds: object = None
+    packing: bool = False
     first_step: _FirstStep = field(default_factory=lambda: _FirstStep())
     started: float = field(default_factory=time.time)
 
@@ -111,13 +113,13 @@ def _setup(cfg: Config) -> _Run:
     set_seed(cfg.seed)  # before the model exists: LoRA's initial weights come from this generator
     model, state.processor = load_base(cfg, "train")
     model = attach_lora(model, cfg)
-    train_ds, state.eval_ds = _datasets(state, examples)
+    train_ds, state.eval_ds = _datasets(state, model, examples)
     state.trainer = _trainer(state, model, train_ds)
     return state
 
 
-def _datasets(state: _Run, examples: dict):
-    """Tokenised (cached) training and validation sets; the sampler follows from their lengths."""
+def _datasets(state: _Run, model, examples: dict):
+    """Tokenised (cached) training and validation sets; packing and the sampler follow from their lengths."""
     cfg, args, processor = state.cfg, state.args, state.processor
     encoder = Encoder(processor, cfg)
     cache = cfg.run_dir / "cache"
@@ -131,7 +133,8 @@ def _datasets(state: _Run, examples: dict):
     train_ds.weights = weights
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
-    if weights is None and not cfg.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
+    state.packing = _use_packing(cfg, model)
+    if weights is None and not state.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
                                                             cfg.per_device_train_batch_size):
         args.train_sampling_strategy = "group_by_length"
     if eval_ds is not None and not len(eval_ds):
@@ -149,10 +152,10 @@ def _trainer(state: _Run, model, train_ds) -> _LoraTrainer:
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = _LoraTrainer(model=model, args=state.args, train_dataset=train_ds, eval_dataset=state.eval_ds,
-                           data_collator=_make_collator(processor, cfg),
+                           data_collator=packed_collator() if state.packing else Collator(processor),
                            processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
     state.sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
-    trainer.answer_only = cfg.answer_only_logits and not cfg.packing and not cfg.use_liger_kernel
+    trainer.answer_only = cfg.answer_only_logits and not cfg.use_liger_kernel
     if trainer.answer_only:
         trainer.fused = fused_loss_backend(model, cfg.fused_loss, state.sharded)
         logger.info("loss: answer-only %s", f"fused linear cross-entropy ({trainer.fused})" if trainer.fused
@@ -318,14 +321,39 @@ class _ProgressLog(TrainerCallback):
 
 
 def _check_packing(cfg: Config) -> None:
-    """Packing concatenates samples; only FlashAttention's varlen kernels keep them from attending to each other."""
-    if not cfg.packing:
-        return
-    if cfg.model_type == "vlm":
-        raise UserError("`packing` is for LLMs only; set packing: false for model_type vlm")
-    if not torch.cuda.is_available() or cfg.attn_implementation != "flash_attention_2":
-        raise UserError("`packing: true` needs a CUDA GPU and attn_implementation: flash_attention_2 (which keeps "
-                        "packed samples apart); elsewhere samples would attend to each other. Set packing: false")
+    if cfg.packing == "true" and cfg.model_type == "vlm":
+        raise UserError("`packing: true` is for LLMs only: a VLM's rope positions (Qwen3-VL's 3-D position ids) "
+                        "follow each sample's own image grid, which one packed row cannot carry; set packing: false")
+
+
+def _use_packing(cfg: Config, model) -> bool:
+    """`packing: true` after the measured isolation check (packing.py); `auto` packs where that check passes."""
+    if cfg.packing == "false" or cfg.model_type == "vlm":
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    backend = cfg.attn_implementation or getattr(model.config, "_attn_implementation", None) or "default"
+    if is_deepspeed_zero3_enabled():  # weights partitioned since loading: no forward outside the engine
+        if backend == "flash_attention_2":
+            return True  # varlen kernels cut at restarting positions whatever the model's mask code does
+        if cfg.packing == "true":
+            raise UserError("`packing: true` under DeepSpeed ZeRO-3 needs attn_implementation: flash_attention_2 "
+                            "(with other backends isolation is checked by a forward pass, which partitioned "
+                            "weights do not allow); set packing: false or use ZeRO-2 / FSDP")
+        return False
+    isolated, ratio = keeps_samples_apart(model)
+    kind = type(unwrap(model)).__name__
+    if not isolated:
+        if cfg.packing == "true":
+            raise UserError(f"`packing: true`: {kind} with {backend} attention lets packed samples attend to each "
+                            f"other (a packed sample's logits moved {ratio:.0%} of the way to a cross-attending "
+                            "run); set packing: false")
+        logger.info("packing auto: %s with %s attention does not keep packed samples apart: padded batches",
+                    kind, backend)
+        return False
+    logger.info("packing: samples of a batch in one row, kept apart by %s attention (checked: leak %.1e of "
+                "cross-attention)", backend, ratio)
+    return True
 
 
 def _check_gpu_options(cfg: Config) -> None:
@@ -339,14 +367,6 @@ def _check_gpu_options(cfg: Config) -> None:
                             "pip install liger-kernel") from None
     if cfg.torch_compile and not torch.cuda.is_available():
         logger.warning("torch_compile on a CPU compiles slowly and rarely pays off for short runs")
-
-
-def _make_collator(processor, cfg: Config):
-    if cfg.packing:  # one row of concatenated samples; position_ids restart per sample for FA2 varlen
-        from transformers import DataCollatorWithFlattening
-
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return Collator(processor)
 
 
 def _last_complete_checkpoint(run_dir) -> str | None:

@@ -132,13 +132,20 @@ def test_wrong_target_module_lists_the_models_layers(models, tmp_path, capsys):
     assert "qkv_projection" in err and "q_proj" in err and "down_proj" in err
 
 
-def test_packing_refused_without_flash_attention(models, tmp_path, capsys):
-    """Packing would let samples attend to each other unless FlashAttention's varlen kernels keep them apart."""
+def test_packing_trains_where_the_model_keeps_samples_apart(models, tmp_path, caplog, capsys):
+    """Packing runs on SDPA (CPU) where the measured check passes, and is refused where the model would let
+    packed samples attend to each other (OPT builds its mask without position_ids) and for VLMs."""
     data = small_llm_data(tmp_path / "data")
-    args = ["--config", DEMO, "--model_name_or_path", models("qwen3"), "--data_dir", data, "--output_dir", tmp_path]
-    assert run_main("--task", "train", *args, "--packing") == 2
-    assert "flash_attention_2" in capsys.readouterr().err
-    assert run_main("--task", "train", *args, "--packing", "--model_type", "vlm") == 2
+    args = ["--config", DEMO, "--data_dir", data, "--output_dir", tmp_path, "--num_train_epochs", "1"]
+    with caplog.at_level("INFO"):
+        assert run_main("--task", "train", *args, "--model_name_or_path", models("qwen3"), "--packing") == 0
+    assert "kept apart by sdpa attention" in caplog.text
+    assert (tmp_path / "tiny-qwen3" / "lora_model" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert run_main("--task", "train", *args, "--model_name_or_path", models("opt"), "--packing", "true") == 2
+    assert "OPTForCausalLM with sdpa attention lets packed samples attend to each other" in capsys.readouterr().err
+    assert run_main("--task", "train", *args, "--model_name_or_path", models("qwen3"), "--packing",
+                    "--model_type", "vlm") == 2
     assert "LLMs only" in capsys.readouterr().err
 
 
