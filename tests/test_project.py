@@ -14,3 +14,10 @@ def test_pyproject_lists_every_module():
     first_party = set(project["tool"]["ruff"]["lint"]["isort"]["known-first-party"])
     assert top_level | helpers <= first_party, sorted(top_level | helpers - first_party)
     assert not (ROOT / "ruff.toml").exists() and not (ROOT / "pytest.ini").exists()  # one place for settings
+
+
+def test_readmes_give_the_cpu_only_install():
+    """PyPI's Linux torch is the CUDA build (a 6.4 GB virtualenv): users without a GPU need PyTorch's CPU index."""
+    for name in ("README.md", "README_zh.md"):
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in text, name
