@@ -171,6 +171,8 @@ def _alive(pid: int) -> bool:
 def run_lock(run_dir: Path, what: str):
     """One run per run folder: an exclusive lock file with the PID and host; a lock whose process is gone
     (same host) is stale and taken over. Raises UserError naming the run that holds it."""
+    # Not the `filelock` package: its lock records no holder, and this refusal must name the run that holds the
+    # folder (task, PID, host, start time) and tell a dead holder from a live one across hosts sharing a disk.
     from config import UserError
 
     run_dir.mkdir(parents=True, exist_ok=True)
