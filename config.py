@@ -459,7 +459,10 @@ def _check_trainer_args(passthrough: dict[str, Any], cfg: Config, explicit: set[
     except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         given = passthrough | {k: ours[k] for k in library & explicit}
-        context = [k for k in ours if k not in given and k in first] or ["save_strategy", "eval_strategy"]
+        # The run's values the message is about, whether set here or defaulted: the keys it names, and both
+        # strategies when it speaks of strategies (it says "the save and eval strategy", not their names).
+        strategies = "strateg" in first or not any(k in first for k in ours)
+        context = [k for k in ours if k in first or (strategies and k in ("save_strategy", "eval_strategy"))]
         shown = ", ".join(f"{k}={ours[k]}" for k in context if ours[k] is not None)
         # Blame the keys the message names (by name or value), else all of them.
         blamed = [k for k, v in given.items() if k in first or (

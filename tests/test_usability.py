@@ -28,7 +28,7 @@ def test_help_shows_defaults_choices_and_the_required_task():
     out = " ".join(proc.stdout.decode().split())  # argparse wraps lines
     assert proc.returncode == 0
     assert "--task {train,evaluate,inference,export,compare,serve}" in out.split("options:")[0]   # usage line
-    assert "LoRA rank (default: 8)" in out
+    assert "--lora_r [VALUE] Lora attention dimension (default: 8)" in out   # LoraConfig's own help for r
     assert "(default: auto; one of: auto, float32, float16, bfloat16)" in out
 
 
