@@ -322,11 +322,18 @@ class LazyImageDataset(torch.utils.data.Dataset):
         counts = [image_tokens(encoder.processor, e.image) for e in examples]
         self.lengths = [n + len(encoder.tok(e.target + e.prompt, add_special_tokens=False)["input_ids"])
                         for n, e in zip(counts, examples)]
-        logger.info("%s: %d images, %d to %d image tokens each (image_min_pixels=%d, image_max_pixels=%d)",
-                    what, len(examples), min(counts), max(counts), encoder.cfg.image_min_pixels,
-                    encoder.cfg.image_max_pixels)
         # The longest sample decides whether max_length holds prompt and answer: fail now, not mid-epoch.
-        encoder(examples[self.lengths.index(max(self.lengths))])
+        longest = encoder(examples[self.lengths.index(max(self.lengths))])
+        longest = len(longest["input_ids"]) if longest else max(self.lengths)
+        cfg = encoder.cfg
+        batch = cfg.per_device_train_batch_size if what == "train" else cfg.per_device_eval_batch_size
+        merge = getattr(getattr(encoder.processor, "image_processor", None), "merge_size", 1)
+        # What peak memory follows: the padded batch through the language model, the patches through the tower.
+        logger.info("%s: %d images, %d to %d image tokens each (image_min_pixels=%d, image_max_pixels=%d); the "
+                    "longest sample is %d tokens, so a batch of %d runs up to %d tokens through the language model "
+                    "and up to %d patches through the vision tower", what, len(examples), min(counts), max(counts),
+                    cfg.image_min_pixels, cfg.image_max_pixels, longest, batch, batch * longest,
+                    batch * max(counts) * merge ** 2)
 
     def __len__(self):
         return len(self.examples)

@@ -2,6 +2,11 @@
 
     python main.py --task train [--packing auto|true|false]
 
+`auto` (the default) packs wherever that check passes: a packed epoch is the random-batch epoch without its
+padding, the same losses (BENCHMARKS.md). Length grouping (`group_by_length: true`, which `auto` then yields to)
+is faster still on SDPA and eager, whose dense block-diagonal mask makes a packed row of n tokens cost n^2 in
+attention, but it changes the batches and so what is learned.
+
 The collator is transformers' `DataCollatorWithFlattening`: one row of token ids whose `position_ids` restart at
 0 with every sample, no attention mask, and -100 as the first label of each sample (no loss across a boundary).
 What keeps samples apart is the model, not the collator: FlashAttention-2 turns restarting positions into varlen

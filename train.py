@@ -327,8 +327,13 @@ def _check_packing(cfg: Config) -> None:
 
 
 def _use_packing(cfg: Config, model) -> bool:
-    """`packing: true` after the measured isolation check (packing.py); `auto` packs where that check passes."""
+    """`packing: true` after the measured isolation check (packing.py); `auto` packs where that check passes,
+    unless `group_by_length: true` asks for length grouping (faster on SDPA/eager, but it reweights the tokens:
+    BENCHMARKS.md)."""
     if cfg.packing == "false" or cfg.model_type == "vlm":
+        return False
+    if cfg.packing == "auto" and cfg.group_by_length == "true":
+        logger.info("packing auto: group_by_length: true asks for length-grouped padded batches instead")
         return False
     from transformers.integrations import is_deepspeed_zero3_enabled
 

@@ -61,3 +61,22 @@ def test_isolation_check_tells_models_apart(models):
     assert isolated and ratio < 1e-3
     isolated, ratio = keeps_samples_apart(_model(models("opt"), "sdpa"))
     assert not isolated and ratio > 0.5
+
+
+def test_auto_packs_where_the_check_passes_unless_grouping_is_asked_for(models, caplog):
+    """`auto` (the default) packs where the model keeps samples apart, yields to an explicit
+    `group_by_length: true`, and pads where the model would leak (OPT)."""
+    from config import build_config
+    from train import _use_packing
+
+    cfg = build_config({}, "test")
+    assert cfg.packing == "auto"
+    assert _use_packing(cfg, _model(models("qwen3"), "sdpa")) is True
+    with caplog.at_level("INFO"):
+        assert _use_packing(build_config({"group_by_length": "true"}, "test"), _model(models("qwen3"), "sdpa")) \
+            is False
+        assert _use_packing(cfg, _model(models("opt"), "sdpa")) is False
+    assert "asks for length-grouped padded batches" in caplog.text
+    assert "does not keep packed samples apart: padded batches" in caplog.text
+    forced = build_config({"group_by_length": "true", "packing": "true"}, "test")
+    assert _use_packing(forced, _model(models("qwen3"), "sdpa")) is True

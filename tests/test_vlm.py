@@ -127,6 +127,27 @@ def test_vlm_encoding_masks_everything_but_the_json(models, tmp_path):
         Encoder(processor, short)(ex)                               # never a cut JSON answer
 
 
+def test_log_states_image_tokens_and_the_lengths_memory_follows(models, tmp_path, caplog):
+    """Before training: image tokens per image, the longest sample, and what a batch of it costs in language-model
+    tokens and vision-tower patches (Qwen3-VL: 4 patches per image token)."""
+    from transformers import AutoProcessor
+
+    from data_processing import build_dataset
+
+    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
+    folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg", "041_c.jpg"])
+    cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=128 * 128, image_max_pixels=128 * 128,
+                   per_device_train_batch_size=3)
+    processor.image_processor.size = {"shortest_edge": 128 * 128, "longest_edge": 128 * 128}  # as load_base sets it
+    examples = vlm_split(cfg, write=False)
+    with caplog.at_level("INFO"):
+        ds = build_dataset(Encoder(processor, cfg), examples["train"] + examples["validation"], None, "train")
+    longest = max(len(ds[i]["input_ids"]) for i in range(len(ds)))
+    assert "3 images, 16 to 16 image tokens each" in caplog.text
+    assert f"the longest sample is {longest} tokens, so a batch of 3 runs up to {3 * longest} tokens" in caplog.text
+    assert "up to 192 patches through the vision tower" in caplog.text
+
+
 def test_every_processor_output_reaches_the_model(models, tmp_path):
     """Processors of other VLM families return more than pixel_values/image_grid_thw (LLaVA-Next image_sizes,
     Idefics pixel_attention_mask, Gemma 3 token_type_ids): the encoder and collator carry all of them."""
