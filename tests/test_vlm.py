@@ -295,3 +295,14 @@ def test_pixel_demo_reads_shapes_from_the_pixels(tmp_path):
     assert shape["majority_baseline"] == pytest.approx(1 / 3, abs=0.01)
     # 18 of 30 or more by guessing has a chance under 1e-3; the demo measures 23 of 30.
     assert shape["accuracy"] >= 0.6, shape
+
+
+def test_vlm_images_load_in_worker_processes_on_a_gpu_only():
+    """VLM samples are decoded when drawn: on a GPU two loader processes overlap that with the step; on a CPU, or
+    with few cores, the main process loads them (workers would take the model's cores); text never needs them."""
+    from train import loader_workers
+
+    assert loader_workers("vlm", on_gpu=True, cpus=16) == 2
+    assert loader_workers("vlm", on_gpu=True, cpus=2) == 0
+    assert loader_workers("vlm", on_gpu=False, cpus=16) == 0
+    assert loader_workers("llm", on_gpu=True, cpus=16) == 0
