@@ -440,9 +440,9 @@ def _training_arguments(cfg: Config) -> TrainingArguments:
 
 
 def loader_workers(model_type: str, on_gpu: bool, cpus: int) -> int:
-    """Data-loading processes: VLM samples are decoded and processed when drawn (10-35 ms each at 196-784 image
-    tokens: bench/bench_vlm_pipeline.py), a share of a GPU step worth overlapping; on a CPU the model's step is
-    hundreds of times longer and workers would take its cores. Text is tokenised once, before training."""
+    """Data-loading processes: VLM samples are decoded and processed when drawn, a share of a GPU step worth
+    overlapping (BENCHMARKS.md, bench/bench_vlm_pipeline.py); on a CPU the model's step dwarfs it and workers would
+    take the step's cores. Text is tokenised once, before training."""
     return 2 if model_type == "vlm" and on_gpu and cpus >= 4 else 0
 
 

@@ -31,25 +31,23 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     from PIL import Image
-    from transformers import AutoProcessor
 
     import tiny_models
     from config import build_config
     from data_loading import Example
     from data_processing import Encoder, load_image
+    from model_config import load_processor
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_vlm_pipeline_"))
     model = tiny_models.build("qwen3_vl", tmp / "tiny-qwen3-vl")
-    processor = AutoProcessor.from_pretrained(model)
     rng = np.random.default_rng(0)
     print("| image | image tokens | decode ms | whole encoding ms (decode, resize, processor, template) |")
     print("|---|---|---|---|")
     for side in (int(s) for s in args.sides.split(",")):
         cfg = build_config({"model_type": "vlm", "image_min_pixels": side * side, "image_max_pixels": side * side,
                             "max_length": 4096}, "bench")
-        processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
-        enc = Encoder(processor, cfg)
+        enc = Encoder(load_processor(cfg, str(model), "train"), cfg)
         paths = []
         for i in range(args.images):
             ramp = np.linspace(0, 255, side, dtype=np.float32)

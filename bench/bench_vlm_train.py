@@ -53,11 +53,9 @@ def make_images(folder: Path, side: int, per_code: int = 10) -> Path:
 
 
 def _cfg(model: Path, images: Path, side: int, out: Path):
-    import yaml
+    from config import build_config, read_yaml
 
-    from config import build_config
-
-    raw = yaml.safe_load((ROOT / "configs/demo_vlm_shapes.yaml").read_text(encoding="utf-8"))
+    raw = read_yaml(ROOT / "configs/demo_vlm_shapes.yaml", required=True)
     raw.update(model_name_or_path=str(model), tiny_model=None, image_dir=str(images), image_min_pixels=side * side,
                image_max_pixels=side * side, output_dir=str(out), max_length=2048)
     return build_config(raw, "bench")
@@ -122,14 +120,14 @@ def run_llamafactory(model: Path, images: Path, side: int, out: Path, split: dic
 def validation_loss(model: Path, images: Path, side: int, adapter: str, names: list[str]) -> float:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from data_loading import Example, load_label_map, target_json
     from data_processing import Collator, Encoder
+    from model_config import load_processor
 
     cfg = _cfg(model, images, side, Path(adapter).parent)
-    processor = AutoProcessor.from_pretrained(model)
-    processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+    processor = load_processor(cfg, str(model), "train")  # sized by image_min/max_pixels as training sizes it
     base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
     net = PeftModel.from_pretrained(base, adapter).eval()
     label_map = load_label_map(Path(cfg.label_map_file))

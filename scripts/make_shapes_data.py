@@ -35,26 +35,20 @@ def draw(shape: int, colour: int, size: int, rng: random.Random) -> Image.Image:
     shade = rng.randint(170, 255)
     fill = (shade, rng.randint(0, 60), rng.randint(0, 60)) if colour == 0 else \
         (rng.randint(0, 60), rng.randint(0, 60), shade)
-    if shape == 0:
-        r = math.sqrt(area / math.pi)
-        half = r
-    elif shape == 1:
-        half = math.sqrt(area) / 2
-    else:
-        side = math.sqrt(4 * area / math.sqrt(3))
-        half = side / 2
+    # Half the shape's width: the circle's radius, half the square's side, half the triangle's side.
+    half = [math.sqrt(area / math.pi), math.sqrt(area) / 2, math.sqrt(4 * area / math.sqrt(3)) / 2][shape]
     # Near the centre (jitter of a tenth of the side, kept inside the frame): where each shape leaves background
     # (a circle's corners, a triangle's top corners) is the cue to learn.
     jitter = size / 10
     cx = min(max(size / 2 + rng.uniform(-jitter, jitter), half + 1), size - half - 1)
     cy = min(max(size / 2 + rng.uniform(-jitter, jitter), half + 1), size - half - 1)
     if shape == 0:
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
     elif shape == 1:
         d.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
     else:
-        h = side * math.sqrt(3) / 2
-        d.polygon([(cx, cy - 2 * h / 3), (cx - side / 2, cy + h / 3), (cx + side / 2, cy + h / 3)], fill=fill)
+        h = half * math.sqrt(3)  # height of an equilateral triangle of side 2 * half
+        d.polygon([(cx, cy - 2 * h / 3), (cx - half, cy + h / 3), (cx + half, cy + h / 3)], fill=fill)
     return img
 
 

@@ -130,15 +130,13 @@ def test_vlm_encoding_masks_everything_but_the_json(models, tmp_path):
 def test_log_states_image_tokens_and_the_lengths_memory_follows(models, tmp_path, caplog):
     """Before training: image tokens per image, the longest sample, and what a batch of it costs in language-model
     tokens and vision-tower patches (Qwen3-VL: 4 patches per image token)."""
-    from transformers import AutoProcessor
-
     from data_processing import build_dataset
+    from model_config import load_processor
 
-    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
     folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg", "041_c.jpg"])
     cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=128 * 128, image_max_pixels=128 * 128,
                    per_device_train_batch_size=3)
-    processor.image_processor.size = {"shortest_edge": 128 * 128, "longest_edge": 128 * 128}  # as load_base sets it
+    processor = load_processor(cfg, models("qwen3_vl"), "train")
     examples = vlm_split(cfg, write=False)
     with caplog.at_level("INFO"):
         ds = build_dataset(Encoder(processor, cfg), examples["train"] + examples["validation"], None, "train")
@@ -306,3 +304,15 @@ def test_vlm_images_load_in_worker_processes_on_a_gpu_only():
     assert loader_workers("vlm", on_gpu=True, cpus=2) == 0
     assert loader_workers("vlm", on_gpu=False, cpus=16) == 0
     assert loader_workers("llm", on_gpu=True, cpus=16) == 0
+
+
+def test_loader_workers_persist_only_where_there_are_workers(tmp_path):
+    """Workers are kept across epochs when there are any (set by the user here); with none, the option is off, as
+    the DataLoader requires."""
+    from train import _training_arguments
+
+    base = dict(model_type="vlm", output_dir=str(tmp_path / "out"), model_name_or_path=str(tmp_path / "m"),
+                device="cpu")
+    assert _training_arguments(build_config(base, "test")).dataloader_persistent_workers is False
+    args = _training_arguments(build_config(dict(base, dataloader_num_workers=2), "test"))
+    assert args.dataloader_num_workers == 2 and args.dataloader_persistent_workers is True
