@@ -100,6 +100,15 @@ def quantization_config(bits: int | None, dtype: torch.dtype, cfg: Config):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=skip)
 
 
+def keep_4bit_differentiable(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its fast kernel at the first eval-mode
+    forward (a validation pass, the packing check), for good, and that kernel has no backward: training after it
+    gets no gradient through the base layers, silently. Training keeps the differentiable path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 # ----------------------------------------------------------------------------------------------------
 # loading
 def load_processor(cfg: Config, source: str, purpose: str):
@@ -211,6 +220,8 @@ def load_base(cfg: Config, purpose: str):
         raise
     if getattr(model, "hf_quantizer", None) is not None and quant is not None and not bits:
         model = model.to(dtype)  # a dequantized FP8 checkpoint comes back in bf16
+    if purpose == "train" and bits == 4:
+        keep_4bit_differentiable(model)
     model.config.use_cache = purpose != "train"
     logger.info("loaded %s (%s, %s%s) on %s", cfg.model_name_or_path, type(model).__name__, str(dtype).split(".")[-1],
                 f", {bits}-bit" if bits else "", device_map if isinstance(device_map, str) else device)

@@ -176,3 +176,36 @@ def test_fp8_checkpoint_dequantized_on_cpu(models, tmp_path, caplog):
     assert run_main("--task", "train", *args) == 0
     assert run_main("--task", "inference", *args, "--input", ROOT / "data/llm/validation.json",
                     "--output", tmp_path / "p.jsonl", "--max_new_tokens", "8") == 0
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return has_avx512bf16()
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+def test_4bit_base_stays_differentiable_after_an_eval_forward(models):
+    """The validation pass (or the packing check) runs in eval mode: bitsandbytes would then switch the 4-bit
+    weights to its AVX512-BF16 kernel, which has no backward, and the next training step would get no gradient
+    through the frozen layers."""
+    from model_config import load_base
+
+    cfg = _cfg(model_name_or_path=str(models("qwen3")), train_quantization_bit=4, device="cpu")
+    model, _ = load_base(cfg, "train")
+    ids = torch.randint(5, 200, (2, 12))
+
+    def input_grad():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, labels=ids).loss.backward()
+        return embeds.grad
+
+    model.train()
+    before = input_grad()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    assert torch.allclose(input_grad(), before, atol=1e-5)
