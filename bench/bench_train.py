@@ -16,7 +16,9 @@ Rows, each in its own process so that peak memory is its own:
          from bench/.venv-llamafactory; skipped, with the reason, when that is not installed
 All four: the same tiny random-initialised Qwen3 (4 layers, 256 wide), the same 80 generated QA pairs whose
 answers range from ~50 to ~1000 characters, 2 epochs, LoRA r=8 on q_proj/v_proj, batch 4, lr 2e-4,
-max_length 512, seed 0. "tokens/s" counts real (non-padding) tokens of the training data per second of training.
+max_length 512, seed 0, no gradient checkpointing (TRL's and LLaMA-Factory's defaults turn it on; rows measured
+before 2026-12-04 ran them with it). "tokens/s" counts real (non-padding) tokens of the training data per second
+of training.
 Each row's adapter is then scored alike on validation.json (answer tokens, token-weighted loss).
 Plus: batched generation against one prompt at a time, and a VLM training row on the demo images.
 """
@@ -107,7 +109,7 @@ def _hf_trainer_args(out: Path):
 
     return dict(output_dir=str(out), num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH, learning_rate=LR,
                 lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
-                report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0,
+                report_to="none", seed=0, use_cpu=True, dataloader_num_workers=0, gradient_checkpointing=False,
                 bf16=DTYPE == "bfloat16"), TrainingArguments
 
 
@@ -228,7 +230,7 @@ def run_llamafactory(model_path: Path, data: Path, out: Path) -> dict:
                     gradient_accumulation_steps=1, num_train_epochs=float(EPOCHS), learning_rate=LR,
                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
                     report_to="none", seed=0, use_cpu=True, bf16=DTYPE == "bfloat16", fp16=False,
-                    dataloader_num_workers=0,
+                    dataloader_num_workers=0, disable_gradient_checkpointing=True,
                     plot_loss=False, trust_remote_code=False)
     (out / "lf.yaml").write_text(yaml.safe_dump(settings))  # (0.9.5 fails to read a .json config)
     env = dict(os.environ, HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="",

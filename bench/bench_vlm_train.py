@@ -1,17 +1,22 @@
-"""VLM LoRA training: this project against LLaMA-Factory 0.9.5, same model, images, LoRA settings (CPU).
+"""VLM LoRA training: this project against LLaMA-Factory 0.9.5 and the plain recipe, same model, images, LoRA (CPU).
 
     bash bench/setup_llamafactory.sh            once (LLaMA-Factory in its own virtualenv)
-    python bench/bench_vlm_train.py [--sides 448,896] [--repeat 2] [--json out.json]
+    python bench/bench_vlm_train.py [--sides 448,896] [--repeat 2] [--rows ours,plain,...] [--json out.json]
 
 Rows, each in its own process, interleaved per round:
   ours          python main.py --task train (configs/demo_vlm_shapes.yaml's data layout, vision tower frozen)
+  ours-wN       the same with --dataloader_num_workers N (ours-w0: every sample loaded in the main process)
+  plain         the recipe of the transformers/TRL VLM examples: Trainer + PEFT, a collator that renders each batch
+                with the processor's chat template and processor(text, images, padding=True), labels = the whole
+                sequence with padding and image tokens masked
   llamafactory  llamafactory-cli train, template qwen3_vl_nothink, sharegpt data with the same system prompt,
-                images and answers, from bench/.venv-llamafactory
-Both: the tiny random-initialised Qwen3-VL with the Qwen3-VL processor settings (patch 16, merge 2), 48
+                images and answers, from bench/.venv-llamafactory, gradient checkpointing off as in the other rows
+  llamafactory-ckpt  the same with LLaMA-Factory's default, gradient checkpointing on
+All: the tiny random-initialised Qwen3-VL with the Qwen3-VL processor settings (patch 16, merge 2), 96
 training images of the shapes demo drawn at each side (448: 196 image tokens, 896: 784), image_min_pixels =
 image_max_pixels = side^2, LoRA r=16 alpha 32 on the language model's linear layers, vision tower frozen, batch
 4, 2 epochs, lr 5e-4 constant, seed 0, float32. Reported: training samples/s (train_runtime of each), the
-process's peak RSS, and the validation loss of each adapter on 12 held-out images, scored alike (this project's
+process's peak RSS, and the validation loss of each adapter on 24 held-out images, scored alike (this project's
 encoding, answer tokens, token-weighted). The tiny model makes the step cheap, so the rows measure what each
 pipeline adds around it (image loading, processing, collation) rather than the model's arithmetic.
 """
@@ -37,7 +42,7 @@ EPOCHS, BATCH, LR, R = 2, 4, 5e-4, 16
 SHAPES = ROOT / "data/vlm_shapes"
 
 
-def make_images(folder: Path, side: int, per_code: int = 10) -> Path:
+def make_images(folder: Path, side: int, per_code: int = 20) -> Path:
     import make_shapes_data
 
     rng = random.Random(0)
@@ -52,23 +57,46 @@ def make_images(folder: Path, side: int, per_code: int = 10) -> Path:
     return folder
 
 
+def build_model(path: Path) -> Path:
+    """The tiny random Qwen3-VL, with the real Qwen3-VL processor's bounds (the tiny model's stop at 64 image
+    tokens): LLaMA-Factory resizes only within them, so without this its rows would train on 64-token images while
+    ours train on the side asked."""
+    import tiny_models
+
+    corpus = tiny_models.default_corpus() + [(SHAPES / "prompt.json").read_text(encoding="utf-8"),
+                                             (SHAPES / "label_map.json").read_text(encoding="utf-8")]
+    model = tiny_models.build("qwen3_vl", path, corpus=corpus)
+    proc_file = model / "processor_config.json"
+    proc = json.loads(proc_file.read_text())
+    proc["image_processor"]["size"] = {"shortest_edge": 65536, "longest_edge": 16777216}
+    proc_file.write_text(json.dumps(proc, indent=2))
+    return model
+
+
+def settings(model: Path, images: Path, side: int, out: Path) -> dict:
+    """This project's keys for every row's settings (on top of configs/demo_vlm_shapes.yaml)."""
+    return dict(model_name_or_path=model, tiny_model=None, image_dir=images, output_dir=out,
+                image_min_pixels=side * side, image_max_pixels=side * side, max_length=2048, freeze_vision_tower=True,
+                num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH, learning_rate=LR, lora_r=R,
+                lora_alpha=2 * R, validation_split=0.2, save_strategy="no", eval_strategy="no", seed=0,
+                dtype="float32")
+
+
 def _cfg(model: Path, images: Path, side: int, out: Path):
     from config import build_config, read_yaml
 
     raw = read_yaml(ROOT / "configs/demo_vlm_shapes.yaml", required=True)
-    raw.update(model_name_or_path=str(model), tiny_model=None, image_dir=str(images), image_min_pixels=side * side,
-               image_max_pixels=side * side, output_dir=str(out), max_length=2048)
+    raw.update({k: str(v) if isinstance(v, Path) else v for k, v in settings(model, images, side, out).items()})
     return build_config(raw, "bench")
 
 
-def run_ours(model: Path, images: Path, side: int, out: Path) -> dict:
+def run_ours(model: Path, images: Path, side: int, out: Path, workers: str | None = None) -> dict:
     args = [sys.executable, str(ROOT / "main.py"), "--task", "train", "--config",
-            str(ROOT / "configs/demo_vlm_shapes.yaml"), "--model_name_or_path", model, "--tiny_model", "null",
-            "--image_dir", images, "--output_dir", out, "--image_min_pixels", side * side, "--image_max_pixels",
-            side * side, "--max_length", 2048, "--freeze_vision_tower", "true", "--num_train_epochs", EPOCHS,
-            "--per_device_train_batch_size", BATCH, "--learning_rate", LR, "--lora_r", R, "--lora_alpha", 2 * R,
-            "--validation_split", 0.2, "--save_strategy", "no", "--eval_strategy", "no", "--seed", 0,
-            "--dtype", "float32"]
+            str(ROOT / "configs/demo_vlm_shapes.yaml")]
+    if workers is not None:
+        args += ["--dataloader_num_workers", workers]
+    for key, value in settings(model, images, side, out).items():
+        args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else value]
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit("ours failed:\n" + proc.stderr[-3000:])
@@ -77,7 +105,54 @@ def run_ours(model: Path, images: Path, side: int, out: Path) -> dict:
             "adapter": str(out / model.name / "lora_model"), "split": str(out / model.name / "split.json")}
 
 
-def run_llamafactory(model: Path, images: Path, side: int, out: Path, split: dict) -> dict:
+def run_plain(model: Path, images: Path, side: int, out: Path, split: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
+
+    from data_loading import load_label_map, system_prompt, target_json
+    from data_processing import load_image
+
+    cfg = _cfg(model, images, side, out)
+    label_map, system = load_label_map(Path(cfg.label_map_file)), system_prompt(cfg)
+    set_seed(0)
+    processor = AutoProcessor.from_pretrained(model)
+    processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+    lora = LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+    net = get_peft_model(net, lora)
+    def row(name: str) -> dict:
+        answer = target_json(Path(name).name.split("_")[0], label_map)
+        return {"image": str(images / name), "messages": [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": [{"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+    rows = [row(name) for name in split["train"]]
+
+    def collate(batch):
+        texts = [processor.apply_chat_template(r["messages"], tokenize=False) for r in batch]
+        enc = processor(text=texts, images=[load_image(r["image"]) for r in batch], return_tensors="pt",
+                        padding=True)
+        labels = enc["input_ids"].clone()
+        labels[(enc["attention_mask"] == 0) | (labels == image_token)] = -100
+        enc["labels"] = labels
+        return enc
+
+    args = TrainingArguments(output_dir=str(out / "plain"), per_device_train_batch_size=BATCH,
+                             num_train_epochs=EPOCHS, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                             logging_steps=1000, save_strategy="no", report_to="none", seed=0, use_cpu=True,
+                             remove_unused_columns=False, dataloader_num_workers=0)
+    res = Trainer(model=net, args=args, train_dataset=rows, data_collator=collate).train().metrics
+    net.save_pretrained(out / "adapter")
+    return {"train_seconds": res["train_runtime"], "samples_per_second": res["train_samples_per_second"],
+            "adapter": str(out / "adapter")}
+
+
+def run_llamafactory(model: Path, images: Path, side: int, out: Path, split: dict,
+                     checkpointing: bool = False) -> dict:
     import yaml
 
     from data_loading import load_label_map, system_prompt, target_json
@@ -105,7 +180,8 @@ def run_llamafactory(model: Path, images: Path, side: int, out: Path, split: dic
                     gradient_accumulation_steps=1, num_train_epochs=float(EPOCHS), learning_rate=LR,
                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
                     report_to="none", seed=0, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
-                    preprocessing_num_workers=1, plot_loss=False, trust_remote_code=False)
+                    preprocessing_num_workers=1, plot_loss=False, trust_remote_code=False,
+                    disable_gradient_checkpointing=not checkpointing)
     (out / "lf.yaml").write_text(yaml.safe_dump(settings))
     env = dict(os.environ, HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", CUDA_VISIBLE_DEVICES="",
                LLAMAFACTORY_VERBOSITY="WARN", PYTHONPATH="")
@@ -146,10 +222,13 @@ def validation_loss(model: Path, images: Path, side: int, adapter: str, names: l
 
 def child(row: str, model: Path, images: Path, side: int, out: Path, split: str | None) -> None:
     t = time.time()
-    if row == "ours":
-        res = run_ours(model, images, side, out)
+    if row == "ours" or row.startswith("ours-w"):
+        res = run_ours(model, images, side, out, row[6:] or None)
+    elif row == "plain":
+        res = run_plain(model, images, side, out, json.loads(Path(split).read_text()))
     else:
-        res = run_llamafactory(model, images, side, out, json.loads(Path(split).read_text()))
+        res = run_llamafactory(model, images, side, out, json.loads(Path(split).read_text()),
+                               checkpointing=row == "llamafactory-ckpt")
     res["process_seconds"] = time.time() - t
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -169,6 +248,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sides", default="448,896")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--rows", default="ours,plain,llamafactory,llamafactory-ckpt",
+                   help="ours first: the others train on its split")
     p.add_argument("--json")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # row model images side out split
     args = p.parse_args(argv)
@@ -176,28 +257,22 @@ def main(argv=None) -> int:
         row, model, images, side, out, split = args.child
         child(row, Path(model), Path(images), int(side), Path(out), None if split == "-" else split)
         return 0
-    import tiny_models
-
+    rows = args.rows.split(",")
+    if rows[0] != "ours":
+        raise SystemExit("--rows: ours comes first (the other rows train on the split it draws)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_vlm_train_"))
-    corpus = tiny_models.default_corpus() + [(SHAPES / "prompt.json").read_text(encoding="utf-8"),
-                                             (SHAPES / "label_map.json").read_text(encoding="utf-8")]
-    model = tiny_models.build("qwen3_vl", tmp / "tiny-qwen3-vl", corpus=corpus)
-    # The real Qwen3-VL processor's bounds (the tiny model's stop at 64 image tokens): LLaMA-Factory resizes only
-    # within them, so without this its rows would train on 64-token images while ours train on the side asked.
-    proc_file = model / "processor_config.json"
-    proc = json.loads(proc_file.read_text())
-    proc["image_processor"]["size"] = {"shortest_edge": 65536, "longest_edge": 16777216}
-    proc_file.write_text(json.dumps(proc, indent=2))
+    model = build_model(tmp / "tiny-qwen3-vl")
     results = {}
     for side in (int(s) for s in args.sides.split(",")):
         images = make_images(tmp / f"images-{side}", side)
-        runs: dict[str, list] = {"ours": [], "llamafactory": []}
+        runs: dict[str, list] = {row: [] for row in rows}
         for k in range(args.repeat):
             ours = _run(["--child", "ours", model, images, side, tmp / f"ours-{side}-{k}", "-"])
             runs["ours"].append(ours)
-            runs["llamafactory"].append(_run(["--child", "llamafactory", model, images, side,
-                                              tmp / f"lf-{side}-{k}", ours["split"]]))
-            print(side, k, runs["ours"][-1], runs["llamafactory"][-1], file=sys.stderr)
+            for row in rows[1:]:  # the others train on the split this project's run drew
+                runs[row].append(_run(["--child", row, model, images, side, tmp / f"{row}-{side}-{k}",
+                                       ours["split"]]))
+            print(side, k, {row: r[-1]["train_seconds"] for row, r in runs.items()}, file=sys.stderr)
         names = json.loads(Path(runs["ours"][0]["split"]).read_text())["validation"]
         for row, rounds in runs.items():
             best = sorted(rounds, key=lambda r: r["train_seconds"])[len(rounds) // 2]

@@ -16,5 +16,7 @@ VENV=bench/.venv-llamafactory
 SITE=$("$PY" -c "import torch, pathlib; print(pathlib.Path(torch.__file__).parent.parent)")
 OWN=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
 echo "$(cd "$SITE" && pwd)" > "$OWN/zz_project_torch.pth"
-"$VENV/bin/pip" install -q "llamafactory==0.9.5"
+# kernels: its transformers 5.6 imports `kernels` when it is importable and needs 0.12.x; without a copy here it
+# would find the newer one the project's transformers pulls in, through the .pth above, and fail at import.
+"$VENV/bin/pip" install -q "llamafactory==0.9.5" "kernels>=0.12,<0.13"
 "$VENV/bin/python" -c "import llamafactory, transformers, torch; print('LLaMA-Factory', llamafactory.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
