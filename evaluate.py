@@ -20,7 +20,7 @@ import distributed
 from answer_io import report_empty
 from config import Config, UserError
 from data_loading import load_examples, stratified_subset
-from data_processing import Encoder, build_dataset
+from data_processing import Encoder, build_dataset, normalise_pixels_on_model
 from generation import answer_and_annotate, generate_batch, vlm_constraint, vlm_label_map
 from metrics import (
     answer_loss_sums,
@@ -53,7 +53,8 @@ def run(cfg: Config) -> int:
     local = distributed.shard(examples, rank, size)
     reset_peak_memory()
     model, processor = load_for_inference(cfg)
-    encoder = Encoder(processor, cfg)  # reads the system prompt once, for loss and generation
+    raw = cfg.model_type == "vlm" and normalise_pixels_on_model(model, processor)
+    encoder = Encoder(processor, cfg, raw_pixels=raw)  # reads the system prompt once, for loss and generation
     started = time.time()
     # Training tokenised this validation set already: its cache (same data, tokenizer and settings) is read, never
     # written here (an evaluate beside a running training must not replace the training's files).

@@ -25,7 +25,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from config import Config, UserError
 from data_loading import load_examples
-from data_processing import Collator, Encoder, augmentation, build_dataset
+from data_processing import Collator, Encoder, augmentation, build_dataset, normalise_pixels_on_model
 from losses import answer_only_loss, fused_answer_loss, fused_loss_backend, unwrap
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
@@ -121,12 +121,13 @@ def _setup(cfg: Config) -> _Run:
 def _datasets(state: _Run, model, examples: dict):
     """Tokenised (cached) training and validation sets; packing and the sampler follow from their lengths."""
     cfg, args, processor = state.cfg, state.args, state.processor
-    encoder = Encoder(processor, cfg)
+    raw = cfg.model_type == "vlm" and normalise_pixels_on_model(model, processor)
+    encoder = Encoder(processor, cfg, raw_pixels=raw)
     cache = cfg.run_dir / "cache"
     train_examples, weights = balance(examples["train"], cfg)
     transform = augmentation(cfg)
     with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
-        train_ds = build_dataset(Encoder(processor, cfg, transform) if transform else encoder, train_examples,
+        train_ds = build_dataset(Encoder(processor, cfg, transform, raw) if transform else encoder, train_examples,
                                  cache, "train")
         eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") \
             if examples["validation"] else None

@@ -7,12 +7,14 @@ JPEG images (noise over gradients, quality 90), named so that data/vlm_shapes' l
 
   per sample, single-threaded as the Trainer's main process runs it (dataloader_num_workers 0): decoding the file
   (`data_processing.load_image`) and the whole encoding LazyImageDataset does per draw (decode, the Qwen3-VL
-  processor's resize, normalise and patchify, the chat template, tokenising);
-  the alternative of a cache of processed samples on disk: the bytes one sample takes (torch.save) and the time to
+  processor's resize, normalise and patchify, the chat template, tokenising), once as the processor ships (float32
+  patches) and once as training runs it (uint8 patches, normalised later on the model's device);
+  the alternative of a cache of processed (uint8) samples on disk: the bytes one takes (torch.save) and the time to
   load it back (torch.load, weights_only, from the page cache: the best case);
   per training step, on the trainer `python main.py --task train` builds (bench/bench_vlm_train.py's settings: the
   tiny Qwen3-VL with the real processor bounds, LoRA r=16 on the language model, batch 4, float32, all cores):
-  the time to draw a batch from the Trainer's own data loader, the forward pass with the loss, the backward pass
+  the time to draw a batch from the Trainer's own data loader, the forward pass with the loss (and the pixels'
+  normalisation), the backward pass
   and the optimizer step, the first step left out; once with samples loaded in the main process (what training
   does on a CPU) and once in one worker process overlapping the step (what a GPU run does, with 2).
 """
@@ -57,9 +59,11 @@ def per_sample(cfg, model: Path, paths: list[Path]) -> dict:
     from data_processing import Encoder, load_image
     from model_config import load_processor
 
-    enc = Encoder(load_processor(cfg, str(model), "train"), cfg)
-    enc(Example(prompt="", target='{"a": 1}', image=str(paths[0])))  # warm-up
-    decode, whole, load, size = [], [], [], []
+    processor = load_processor(cfg, str(model), "train")
+    enc, as_bytes = Encoder(processor, cfg), Encoder(processor, cfg, raw_pixels=True)
+    for e in (enc, as_bytes):
+        e(Example(prompt="", target='{"a": 1}', image=str(paths[0])))  # warm-up
+    decode, whole, raw, load, size = [], [], [], [], []
     for path in paths[:16]:
         t = time.perf_counter()
         load_image(str(path))
@@ -67,6 +71,9 @@ def per_sample(cfg, model: Path, paths: list[Path]) -> dict:
         t = time.perf_counter()
         sample = enc(Example(prompt="", target='{"a": 1}', image=str(path)))
         whole.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sample = as_bytes(Example(prompt="", target='{"a": 1}', image=str(path)))  # what a cache would hold
+        raw.append(time.perf_counter() - t)
         buf = io.BytesIO()
         torch.save(sample, buf)
         size.append(buf.tell())
@@ -76,7 +83,8 @@ def per_sample(cfg, model: Path, paths: list[Path]) -> dict:
         load.append(time.perf_counter() - t)
     ms = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
     return {"image_tokens": int(sample["image_grid_thw"].prod()) // 4, "decode_ms": ms(decode),
-            "encode_ms": ms(whole), "cache_load_ms": ms(load), "cache_mb": round(statistics.median(size) / 2**20, 2),
+            "encode_ms": ms(whole), "encode_uint8_ms": ms(raw), "cache_load_ms": ms(load),
+            "cache_mb": round(statistics.median(size) / 2**20, 2),
             "jpeg_kb": round(statistics.median(p.stat().st_size for p in paths[:16]) / 2**10, 1)}
 
 
@@ -138,11 +146,12 @@ def main(argv=None) -> int:
         with_worker = per_step(model, folder, side, tmp / f"run-{side}-worker", args.steps, 1)
         results[side].update({f"worker_{k}": v for k, v in with_worker.items()})
         print(side, results[side], file=sys.stderr)
-    print("\n| image | image tokens | decode ms | encoding ms | cached sample MB (JPEG KB) | cache load ms |")
-    print("|---|---|---|---|---|---|")
+    print("\n| image | image tokens | decode ms | encoding ms, float32 | encoding ms, uint8 "
+          "| cached sample MB (JPEG KB) | cache load ms |")
+    print("|---|---|---|---|---|---|---|")
     for side, r in results.items():
-        print(f"| {side}x{side} | {r['image_tokens']} | {r['decode_ms']} | {r['encode_ms']} | {r['cache_mb']} "
-              f"({r['jpeg_kb']}) | {r['cache_load_ms']} |")
+        print(f"| {side}x{side} | {r['image_tokens']} | {r['decode_ms']} | {r['encode_ms']} | {r['encode_uint8_ms']} "
+              f"| {r['cache_mb']} ({r['jpeg_kb']}) | {r['cache_load_ms']} |")
     print("\n| image | loading | step ms | data ms (share) | forward ms | backward ms | optimizer ms |")
     print("|---|---|---|---|---|---|---|")
     for side, r in results.items():

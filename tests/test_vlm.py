@@ -316,3 +316,31 @@ def test_loader_workers_persist_only_where_there_are_workers(tmp_path):
     assert _training_arguments(build_config(base, "test")).dataloader_persistent_workers is False
     args = _training_arguments(build_config(dict(base, dataloader_num_workers=2), "test"))
     assert args.dataloader_num_workers == 2 and args.dataloader_persistent_workers is True
+
+
+def test_uint8_pixels_normalised_on_the_model_match_the_processors_floats(models, tmp_path):
+    """Training carries pixels as uint8 patches (a quarter of the bytes) and the model normalises them as they
+    enter it: the loss equals the float path's. Per-channel mean and std that differ catch a wrong channel axis."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from data_processing import normalise_pixels_on_model
+
+    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
+    processor.image_processor.image_mean, processor.image_processor.image_std = [0.1, 0.5, 0.8], [0.2, 0.3, 0.6]
+    folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg"])
+    cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=4096, image_max_pixels=16384)
+    examples = vlm_split(cfg, write=False)
+    examples = examples["train"] + examples["validation"]
+    model = AutoModelForImageTextToText.from_pretrained(models("qwen3_vl"), dtype=torch.float32).eval()
+    floats = Collator(processor)([Encoder(processor, cfg)(ex) for ex in examples])
+    raw = Collator(processor)([Encoder(processor, cfg, raw_pixels=True)(ex) for ex in examples])
+    assert floats["pixel_values"].dtype == torch.float32 and raw["pixel_values"].dtype == torch.uint8
+    assert raw["pixel_values"].shape == floats["pixel_values"].shape
+    with torch.no_grad():
+        reference = model(**floats).loss.item()
+        unnormalised = model(**raw).loss.item()                    # no hook: the bytes enter as 0..255
+        assert normalise_pixels_on_model(model, processor)
+        assert model(**raw).loss.item() == pytest.approx(reference, abs=1e-5)
+        assert model(**floats).loss.item() == pytest.approx(reference, abs=1e-6)   # floats pass untouched
+    assert abs(unnormalised - reference) > 1e-3
