@@ -425,13 +425,16 @@ def normalise_pixels_on_model(model, processor) -> bool:
     times the bytes, and the processor spent a pass over them normalising on the CPU between training steps. Qwen-VL
     processors only, whose flat patches (patches, channel x time x patch x patch) keep the channel outermost; any
     other processor keeps its float pixels (False)."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:  # a text model: nothing to import
+        return False
     try:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     except ImportError:
         return False
-    ip = getattr(processor, "image_processor", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, "model", None)  # the multimodal body, called as a module by the generation head
+    from losses import unwrap  # losses imports this module
+
+    body = getattr(unwrap(model), "model", None)  # the multimodal body, called as a module by the generation head
     if not isinstance(ip, Qwen2VLImageProcessor) or not hasattr(body, "visual"):
         return False
     if getattr(body, "_pixel_normaliser", None) is not None:

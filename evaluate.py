@@ -53,7 +53,7 @@ def run(cfg: Config) -> int:
     local = distributed.shard(examples, rank, size)
     reset_peak_memory()
     model, processor = load_for_inference(cfg)
-    raw = cfg.model_type == "vlm" and normalise_pixels_on_model(model, processor)
+    raw = normalise_pixels_on_model(model, processor)
     encoder = Encoder(processor, cfg, raw_pixels=raw)  # reads the system prompt once, for loss and generation
     started = time.time()
     # Training tokenised this validation set already: its cache (same data, tokenizer and settings) is read, never

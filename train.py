@@ -121,7 +121,7 @@ def _setup(cfg: Config) -> _Run:
 def _datasets(state: _Run, model, examples: dict):
     """Tokenised (cached) training and validation sets; packing and the sampler follow from their lengths."""
     cfg, args, processor = state.cfg, state.args, state.processor
-    raw = cfg.model_type == "vlm" and normalise_pixels_on_model(model, processor)
+    raw = normalise_pixels_on_model(model, processor)
     encoder = Encoder(processor, cfg, raw_pixels=raw)
     cache = cfg.run_dir / "cache"
     train_examples, weights = balance(examples["train"], cfg)
