@@ -344,3 +344,27 @@ def test_uint8_pixels_normalised_on_the_model_match_the_processors_floats(models
         assert model(**raw).loss.item() == pytest.approx(reference, abs=1e-5)
         assert model(**floats).loss.item() == pytest.approx(reference, abs=1e-6)   # floats pass untouched
     assert abs(unnormalised - reference) > 1e-3
+
+
+def test_encoder_keeps_float_pixels_where_the_processor_gives_no_bytes(models, tmp_path):
+    """A processor that ignores the raw-pixel options (it resizes in float) keeps the float path: the Encoder drops
+    the options instead of handing the model pixels it would normalise twice."""
+    import torch
+    from transformers import AutoProcessor
+
+    real = AutoProcessor.from_pretrained(models("qwen3_vl"))
+
+    class FloatOnly:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *args, do_rescale=None, do_normalize=None, **kwargs):
+            return real(*args, **kwargs)
+
+    folder = _copy_images(tmp_path, ["130_a.jpg", "000_b.jpg"])
+    cfg = _vlm_cfg(tmp_path, folder, image_min_pixels=4096, image_max_pixels=16384)
+    ex = vlm_split(cfg, write=False)["train"][0]
+    encoder = Encoder(FloatOnly(), cfg, raw_pixels=True)
+    pixels = encoder(ex)["pixel_values"]
+    assert pixels.dtype == torch.float32 and encoder.image_kwargs == {}
+    assert torch.equal(pixels, Encoder(real, cfg)(ex)["pixel_values"])
