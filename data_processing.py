@@ -1,6 +1,7 @@
 """Encoding data for the model: chat messages, templating, tokenisation with answer-only labels, online image
 augmentation of VLM training images, the on-disk token cache, datasets, the padding collator, and image pixels
-carried as bytes and normalised on the model's device. (Reading and validating the files is data_loading.py.)
+carried as bytes (vision_tower.py normalises them on the model's device). Reading and validating the files is
+data_loading.py.
 
 Used by:
     python main.py --task train      Encoder -> build_dataset (cached) -> Collator
@@ -180,7 +181,7 @@ class Encoder:
     def __init__(self, processor, cfg: Config, transform=None, raw_pixels: bool = False):
         self.processor, self.tok, self.cfg = processor, _tokenizer(processor), cfg
         self.transform = transform  # training images only: augmentation() above
-        # uint8 pixel values, for a model that normalise_pixels_on_model() prepared
+        # uint8 pixel values, for a model that vision_tower.normalise_pixels_on_model() prepared
         self.image_kwargs = dict(RAW_PIXELS) if raw_pixels else {}
         self.system = system_prompt(cfg)
         self.stats = Counter()
@@ -415,47 +416,6 @@ class Collator:
 
 # The processor's resize and patchify without its rescale and normalise: the patches stay uint8.
 RAW_PIXELS = {"do_rescale": False, "do_normalize": False}
-
-
-def normalise_pixels_on_model(model, processor) -> bool:
-    """Prepares `model` to take uint8 pixel values (Encoder(raw_pixels=True)) and normalise them as they enter it,
-    on its device; True when it did. Float pixel values pass through untouched.
-
-    Why: float32 patches are 4 bytes a value, so the loader patchified, collated (and on a GPU pinned and copied) 4
-    times the bytes, and the processor spent a pass over them normalising on the CPU between training steps. Qwen-VL
-    processors only, whose flat patches (patches, channel x time x patch x patch) keep the channel outermost; any
-    other processor keeps its float pixels (False)."""
-    ip = getattr(processor, "image_processor", None)
-    if ip is None:  # a text model: nothing to import
-        return False
-    try:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    except ImportError:
-        return False
-    from losses import unwrap  # losses imports this module
-
-    body = getattr(unwrap(model), "model", None)  # the multimodal body, called as a module by the generation head
-    if not isinstance(ip, Qwen2VLImageProcessor) or not hasattr(body, "visual"):
-        return False
-    if getattr(body, "_pixel_normaliser", None) is not None:
-        return True
-    mean, std = (torch.as_tensor(v if ip.do_normalize else d, dtype=torch.float32).reshape(-1).expand(3)
-                 for v, d in ((ip.image_mean, 0.0), (ip.image_std, 1.0)))
-    scale = (ip.rescale_factor if ip.do_rescale else 1.0) / std
-    shift = -mean / std
-
-    def normalise(module, args, kwargs):
-        pixels = kwargs.get("pixel_values")
-        if pixels is None or pixels.dtype != torch.uint8:
-            return None
-        n = pixels.shape[0]
-        x = pixels.reshape(n, 3, -1).to(torch.float32)
-        x.mul_(scale.to(x.device)[None, :, None]).add_(shift.to(x.device)[None, :, None])
-        kwargs["pixel_values"] = x.reshape(pixels.shape)
-        return args, kwargs
-
-    body._pixel_normaliser = body.register_forward_pre_hook(normalise, with_kwargs=True)
-    return True
 
 
 def strip_thinking(text: str) -> str:

@@ -20,7 +20,7 @@ import distributed
 from answer_io import report_empty
 from config import Config, UserError
 from data_loading import load_examples, stratified_subset
-from data_processing import Encoder, build_dataset, normalise_pixels_on_model
+from data_processing import Encoder, build_dataset
 from generation import answer_and_annotate, generate_batch, vlm_constraint, vlm_label_map
 from metrics import (
     answer_loss_sums,
@@ -35,6 +35,7 @@ from model_config import adopt_training_settings, load_for_inference
 from outputs import peak_memory_mb, reset_peak_memory, write_json, write_jsonl
 from report import write_report
 from structured import parse_and_check, parse_json
+from vision_tower import normalise_pixels_on_model
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from config import Config, UserError
 from model_resolver import resolve_model
+from vision_tower import patch_embedding_as_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ def load_base(cfg: Config, purpose: str):
     if purpose == "train" and bits == 4:
         keep_4bit_differentiable(model)
     model.config.use_cache = purpose != "train"
+    if cfg.model_type == "vlm":
+        patch_embedding_as_matmul(model)
     logger.info("loaded %s (%s, %s%s) on %s", cfg.model_name_or_path, type(model).__name__, str(dtype).split(".")[-1],
                 f", {bits}-bit" if bits else "", device_map if isinstance(device_map, str) else device)
     return model, processor

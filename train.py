@@ -25,7 +25,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from config import Config, UserError
 from data_loading import load_examples
-from data_processing import Collator, Encoder, augmentation, build_dataset, normalise_pixels_on_model
+from data_processing import Collator, Encoder, augmentation, build_dataset
 from losses import answer_only_loss, fused_answer_loss, fused_loss_backend, unwrap
 from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
@@ -49,6 +49,7 @@ from outputs import (
 )
 from packing import keeps_samples_apart, packed_collator
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
+from vision_tower import normalise_pixels_on_model
 
 logger = logging.getLogger(__name__)
 

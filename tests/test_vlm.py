@@ -324,7 +324,7 @@ def test_uint8_pixels_normalised_on_the_model_match_the_processors_floats(models
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from data_processing import normalise_pixels_on_model
+    from vision_tower import normalise_pixels_on_model
 
     processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
     processor.image_processor.image_mean, processor.image_processor.image_std = [0.1, 0.5, 0.8], [0.2, 0.3, 0.6]
@@ -344,6 +344,57 @@ def test_uint8_pixels_normalised_on_the_model_match_the_processors_floats(models
         assert model(**raw).loss.item() == pytest.approx(reference, abs=1e-5)
         assert model(**floats).loss.item() == pytest.approx(reference, abs=1e-6)   # floats pass untouched
     assert abs(unnormalised - reference) > 1e-3
+
+
+def test_patch_embedding_runs_as_a_matmul_with_the_convolutions_values_and_gradients(models, monkeypatch):
+    """The Qwen-VL patch embedding runs as one matmul (Conv3d is never called): the tower's output and the
+    embedding weight's gradient equal the convolution's, from float pixels and from uint8 ones whose normalisation
+    is folded into the weights; a LoRA adapter on the convolution still applies."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vision_tower import normalise_pixels_on_model, patch_embedding_as_matmul
+
+    processor = AutoProcessor.from_pretrained(models("qwen3_vl"))
+    ip = processor.image_processor
+    ip.image_mean, ip.image_std = [0.1, 0.5, 0.8], [0.2, 0.3, 0.6]
+    reference = AutoModelForImageTextToText.from_pretrained(models("qwen3_vl"), dtype=torch.float32)
+    model = copy.deepcopy(reference)
+    grid = torch.tensor([[1, 4, 6]])
+    raw = torch.randint(0, 256, (24, 3 * 2 * ip.patch_size ** 2), dtype=torch.uint8)
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    floats = ((raw.reshape(24, 3, -1).float() / 255 - mean[None, :, None]) / std[None, :, None]).reshape(raw.shape)
+
+    def tower(net, pixels):
+        net.zero_grad()
+        out = net.model.get_image_features(pixels, grid).pooler_output[0]
+        out.square().sum().backward()
+        return out.detach(), net.model.visual.patch_embed.proj.weight.grad.clone()
+
+    expected, expected_grad = tower(reference, floats)
+    assert patch_embedding_as_matmul(model) == 1
+    assert normalise_pixels_on_model(model, processor)
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", lambda *a: pytest.fail("Conv3d ran"))
+    body, captured = model.model, []
+    body.visual.register_forward_hook(lambda m, a, o: captured.append(o.pooler_output) and None)
+    ids = torch.tensor([[processor.image_token_id] * 6])
+    for pixels in (floats, raw):  # uint8 through the body's forward, where they are recognised
+        model.zero_grad()
+        body(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=torch.ones_like(ids))
+        out = captured.pop()
+        out.square().sum().backward()
+        grad = body.visual.patch_embed.proj.weight.grad
+        assert torch.allclose(out, expected, atol=1e-5), (out - expected).abs().max()
+        assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+    assert body.visual.patch_embed._pixel_affine is None  # folded for that one call only
+    monkeypatch.undo()
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["patch_embed.proj"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = lora.base_model.model.model.get_image_features(floats, grid).pooler_output[0]
+    assert (adapted - expected).abs().max() > 1e-3
 
 
 def test_encoder_keeps_float_pixels_where_the_processor_gives_no_bytes(models, tmp_path):
