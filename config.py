@@ -104,6 +104,9 @@ class Config:
     augmentation_p: float = _f(0.5, "VLM: probability of each chosen augmentation per image, in (0, 1]")
     freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
     lora_on_vision: bool = _f(False, "VLM: also put LoRA on the vision encoder's linear layers")
+    vision_cache_mb: int = _f(4096, "VLM training with a frozen vision tower: host memory for the tower's output "
+                              "per image, kept from its first pass so later epochs skip the tower and the image "
+                              "decoding; images past the budget run the tower each time; 0 turns it off")
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: str = _f("./output", "root of the outputs; each base model gets output_dir/<model-name>/")
     # --- training ---------------------------------------------------------------------------------
@@ -575,6 +578,7 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
     need(cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
+    need(cfg.vision_cache_mb >= 0, "vision_cache_mb", "must be >= 0 (0 turns the cache off)")
     need(cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
     need(cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
     need(cfg.early_stopping_patience is None or cfg.early_stopping_patience > 0, "early_stopping_patience",

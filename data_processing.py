@@ -321,10 +321,14 @@ def encode_all(encoder: Encoder, examples: list[Example], cache_dir: Path | None
 
 
 class LazyImageDataset(torch.utils.data.Dataset):
-    """VLM samples are encoded when drawn: pixel values are too large to keep for a whole data set."""
+    """VLM samples are encoded when drawn: pixel values are too large to keep for a whole data set.
 
-    def __init__(self, encoder: Encoder, examples: list[Example], what: str = "images"):
-        self.encoder, self.examples = encoder, examples
+    With `features` (vision_tower.FeatureCache) each sample names its image (`image_keys`), and once the model
+    holds an image's features the sample leaves its pixels out (`image_omitted`): its tokens are kept from the first
+    draw, so no image is decoded or resized again."""
+
+    def __init__(self, encoder: Encoder, examples: list[Example], what: str = "images", features=None):
+        self.encoder, self.examples, self.features, self.tokens = encoder, examples, features, {}
         counts = [image_tokens(encoder.processor, e.image) for e in examples]
         self.lengths = [n + len(encoder.tok(e.target + e.prompt, add_special_tokens=False)["input_ids"])
                         for n, e in zip(counts, examples)]
@@ -345,7 +349,22 @@ class LazyImageDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i):
-        return self.encoder(self.examples[i])
+        if self.features is None:
+            return self.encoder(self.examples[i])
+        from vision_tower import image_key  # vision_tower imports losses, which imports this module
+
+        key = image_key(self.examples[i].image)
+        if i in self.tokens and key in self.features:
+            sample, no_pixels = self.tokens[i]
+            return {**sample, "pixel_values": no_pixels,
+                    "image_keys": torch.tensor([key]), "image_omitted": torch.tensor([True])}
+        sample = self.encoder(self.examples[i])
+        if sample is not None:
+            pixels = sample["pixel_values"]
+            self.tokens[i] = ({k: v for k, v in sample.items() if k != "pixel_values"},
+                              pixels.new_empty((0, pixels.shape[-1])))
+            sample.update(image_keys=torch.tensor([key]), image_omitted=torch.tensor([False]))
+        return sample
 
 
 def image_tokens(processor, path: str) -> int:
@@ -361,10 +380,10 @@ def image_tokens(processor, path: str) -> int:
 
 
 def build_dataset(encoder: Encoder, examples: list[Example], cache_dir: Path | None, what: str,
-                  write_cache: bool = True):
+                  write_cache: bool = True, features=None):
     """A list of encoded samples (text) or a LazyImageDataset (images); both expose per-sample lengths."""
     if examples and examples[0].image is not None:
-        return LazyImageDataset(encoder, examples, what)
+        return LazyImageDataset(encoder, examples, what, features)
     return EncodedList(encode_all(encoder, examples, cache_dir, what, write_cache))
 
 

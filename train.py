@@ -49,7 +49,7 @@ from outputs import (
 )
 from packing import keeps_samples_apart, packed_collator
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
-from vision_tower import normalise_pixels_on_model
+from vision_tower import cache_vision_features, normalise_pixels_on_model
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class _Run:
     sharded: bool = False  # weights split across processes (ZeRO-3, FSDP)
     eval_ds: object = None
     packing: bool = False
+    features: object = None  # vision_tower.FeatureCache, where the frozen tower's output is kept
     first_step: _FirstStep = field(default_factory=lambda: _FirstStep())
     started: float = field(default_factory=time.time)
 
@@ -127,10 +128,16 @@ def _datasets(state: _Run, model, examples: dict):
     cache = cfg.run_dir / "cache"
     train_examples, weights = balance(examples["train"], cfg)
     transform = augmentation(cfg)
+    state.features = features = cache_vision_features(model, cfg.vision_cache_mb)
+    if features is not None:
+        logger.info("vision tower frozen: each image's features are kept after its first pass (up to "
+                    "vision_cache_mb=%d MB of host memory), so later epochs skip the tower%s", cfg.vision_cache_mb,
+                    " for validation images (augmented training images change every epoch)" if transform else
+                    " and the image decoding")
     with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
         train_ds = build_dataset(Encoder(processor, cfg, transform, raw) if transform else encoder, train_examples,
-                                 cache, "train")
-        eval_ds = build_dataset(encoder, examples["validation"], cache, "validation") \
+                                 cache, "train", features=None if transform else features)
+        eval_ds = build_dataset(encoder, examples["validation"], cache, "validation", features=features) \
             if examples["validation"] else None
     train_ds.weights = weights
     if not len(train_ds):
@@ -211,6 +218,9 @@ def _finalize(state: _Run, result) -> None:
                    seconds_to_first_step=state.first_step.seconds, **peak_memory_mb())
     if loss is not None:
         metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss))
+    if state.features is not None:  # how often the frozen vision tower ran, and how often its output was reused
+        metrics.update(vision_tower_runs=state.features.computed, vision_features_reused=state.features.reused,
+                       vision_cache_mb_used=round(state.features.used / 2**20, 1))
     write_json(cfg.run_dir / "train_results.json", metrics)
     plot_loss_curves(trainer.state.log_history, cfg.run_dir / "loss.png")
     logger.info("loss curves: %s", cfg.run_dir / "loss.png")

@@ -1,9 +1,10 @@
-"""How pixels enter a Qwen-VL vision tower: the patch embedding as one matrix product, and uint8 pixels normalised
-inside it.
+"""How pixels enter a Qwen-VL vision tower, and how often: the patch embedding as one matrix product, uint8 pixels
+normalised inside it, and a frozen tower's output kept per image so that it runs once per image in a run.
 
 Used by:
     python main.py --task train|evaluate|inference|compare|serve   model_config.load_base -> patch_embedding_as_matmul
     python main.py --task train|evaluate   normalise_pixels_on_model (Encoder(raw_pixels=True) hands it uint8 patches)
+    python main.py --task train            cache_vision_features (--vision_cache_mb; LazyImageDataset names images)
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def normalise_pixels_on_model(model, processor) -> bool:
                 e._pixel_affine = (scale, shift)
             return args, kwargs
         n = pixels.shape[0]
-        x = pixels.reshape(n, 3, -1).to(torch.float32)
+        x = pixels.reshape(n, 3, pixels.shape[-1] // 3).to(torch.float32)
         x.mul_(scale.to(x.device)[None, :, None]).add_(shift.to(x.device)[None, :, None])
         kwargs["pixel_values"] = x.reshape(pixels.shape)
         return args, kwargs
@@ -114,3 +115,117 @@ def normalise_pixels_on_model(model, processor) -> bool:
     body._pixel_normaliser = (body.register_forward_pre_hook(enter, with_kwargs=True),
                               body.register_forward_hook(leave, with_kwargs=True, always_call=True))
     return True
+
+
+class FeatureCache:
+    """The vision tower's output per image (a key per image file), for the rest of the run, in host memory.
+
+    Entries are never evicted: a key once present stays, so a dataset that sees the cache (or a worker process's
+    snapshot of it) may leave out the pixels of a cached image and trust the model to have its features."""
+
+    SLAB = 64 * 2**20
+
+    def __init__(self, budget_mb: int):
+        self.budget, self.used, self.entries = budget_mb * 2**20, 0, {}
+        self.output_type, self.fields = None, ()
+        self.computed = self.reused = 0
+        self.slab, self.offset = None, 0
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.entries
+
+    def __getstate__(self):  # a spawned loader worker gets an empty cache, so its samples keep their pixels
+        return {"budget_mb": self.budget // 2**20}
+
+    def __setstate__(self, state):
+        self.__init__(state["budget_mb"])
+
+    def put(self, key: int, parts: list) -> None:
+        sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in parts]  # 64-byte aligned views
+        if key in self.entries or self.used + sum(sizes) > self.budget:
+            return
+        stored = []
+        for t, size in zip(parts, sizes):
+            stored.append(self._room(size)[:t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            stored[-1].copy_(t.detach())
+        self.entries[key] = stored
+        self.used += sum(sizes)
+
+    def _room(self, size: int) -> torch.Tensor:
+        """Entries live in 64 MB slabs, not in tensors of their own: small long-lived blocks scattered between a
+        training step's large short-lived ones would make the heap grow, and each step page-fault, all epoch."""
+        if self.slab is None or self.offset + size > len(self.slab):
+            pin = torch.cuda.is_available()  # pinned pages copy to the GPU without a staging copy
+            self.slab, self.offset = torch.empty(max(self.SLAB, size), dtype=torch.uint8, pin_memory=pin), 0
+        view = self.slab[self.offset:self.offset + size]
+        self.offset += size
+        return view
+
+
+def image_key(path: str) -> int:
+    """The cache's key for an image file within one run (its settings and files do not change mid-run)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def cache_vision_features(model, budget_mb: int) -> FeatureCache | None:
+    """Keeps a frozen vision tower's output per image so it runs once per image in a run, not once per epoch;
+    None where it cannot (no budget, a tower that trains, a model without `mm_encoder_outputs`).
+
+    Batches carry `image_keys` and `image_omitted` (LazyImageDataset adds them); a pre-hook on the multimodal body
+    runs the tower on the images it has not seen, and hands the body every image's features through transformers'
+    own `mm_encoder_outputs` argument instead of the pixels. Why here: a frozen tower's output is a function of the
+    pixels alone, and Trainer re-runs it each epoch (no peer caches it)."""
+    import inspect
+
+    body = getattr(unwrap(model), "model", None)
+    if budget_mb <= 0 or not hasattr(body, "visual") or not hasattr(body, "get_image_features"):
+        return None
+    if any(p.requires_grad for p in body.visual.parameters()):
+        return None
+    if "mm_encoder_outputs" not in inspect.signature(body.forward).parameters:
+        return None
+    cache = FeatureCache(budget_mb)
+
+    def lookup(module, args, kwargs):
+        keys, omitted = kwargs.pop("image_keys", None), kwargs.pop("image_omitted", None)
+        if keys is None:
+            return None if omitted is None else (args, kwargs)
+        pixels, grid = kwargs.get("pixel_values"), kwargs["image_grid_thw"]
+        keys, omitted, patches = keys.tolist(), omitted.tolist(), grid.prod(-1).tolist()
+        todo, rows, start = [], [], 0
+        for i, (key, left_out) in enumerate(zip(keys, omitted)):
+            if left_out:
+                continue
+            if key not in cache:
+                todo.append(i)
+                rows.append(pixels[start:start + patches[i]])
+            start += patches[i]
+        fresh = {}
+        if todo:
+            with torch.no_grad():
+                fed = pixels if len(todo) == len(keys) else torch.cat(rows)  # every image new: no copy
+                out = body.get_image_features(fed, grid[todo], return_dict=True)
+            cache.output_type = type(out)
+            cache.fields = tuple(f for f in ("pooler_output", "deepstack_features") if getattr(out, f, None))
+            for j, i in enumerate(todo):
+                parts = [out.pooler_output[j]] + [layer[j] for layer in getattr(out, "deepstack_features", None) or []]
+                fresh[keys[i]] = parts
+                cache.put(keys[i], parts)
+            cache.computed += len(todo)
+        device = grid.device
+        missing = [k for k in keys if k not in fresh and k not in cache]
+        if missing:  # the dataset left pixels out that the cache never held: a bug, not the user's
+            raise RuntimeError(f"vision features of {len(missing)} images were neither in the batch nor cached")
+        features = [fresh.get(k) or [t.to(device, non_blocking=True) for t in cache.entries[k]] for k in keys]
+        cache.reused += len(keys) - len(todo)
+        values = {"pooler_output": tuple(f[0] for f in features)}
+        if "deepstack_features" in cache.fields:
+            values["deepstack_features"] = [tuple(f[1 + n] for f in features) for n in range(len(features[0]) - 1)]
+        kwargs["pixel_values"] = None
+        kwargs["mm_encoder_outputs"] = {"image": cache.output_type(**values)}
+        return args, kwargs
+
+    body._feature_cache = body.register_forward_pre_hook(lookup, with_kwargs=True)
+    return cache

@@ -274,8 +274,46 @@ def test_unfrozen_vision_tower_is_trained_and_saved(models, tmp_path):
 
     base = load_file(models("qwen3_vl") / "model.safetensors")["model.visual.patch_embed.proj.weight"]
     assert not torch.equal(trained.to(base.dtype), base)         # the tower moved, and was saved
+    assert "vision_tower_runs" not in json.loads((tmp_path / "tiny-qwen3_vl" / "train_results.json").read_text())
     assert run_main("--task", "inference", *args, "--input", ROOT / "data/vlm/images", "--output",
                     tmp_path / "p.jsonl", "--max_new_tokens", "4") == 0
+
+
+def test_frozen_tower_runs_once_per_image_and_trains_the_same(models, tmp_path, monkeypatch):
+    """With the vision tower frozen its output per image is kept from the first epoch: later epochs neither run the
+    tower nor decode the image, and training ends with the same loss and adapter as without the cache."""
+    import torch
+    from safetensors.torch import load_file
+
+    import data_processing
+
+    decoded = []
+    real = data_processing.load_image
+    monkeypatch.setattr(data_processing, "load_image", lambda path: decoded.append(path) or real(path))
+    folder = _copy_images(tmp_path, [f"{c}_{i}.jpg" for i, c in enumerate(["000", "130", "141"] * 4)])
+    runs = {}
+    for mb in ("4096", "0"):
+        out = tmp_path / f"out-{mb}"
+        decoded.clear()
+        assert run_main("--task", "train", "--config", DEMO, "--model_name_or_path", models("qwen3_vl"),
+                        "--image_dir", folder, "--output_dir", out, "--num_train_epochs", "3", "--eval_strategy",
+                        "epoch", "--save_strategy", "no", "--vision_cache_mb", mb) == 0
+        run = out / "tiny-qwen3_vl"
+        split = json.loads((run / "split.json").read_text())
+        runs[mb] = (json.loads((run / "train_results.json").read_text()), list(decoded),
+                    load_file(run / "lora_model" / "adapter_model.safetensors"), split)
+    (cached, cached_decodes, cached_adapter, split), (plain, plain_decodes, plain_adapter, _) = runs["4096"], runs["0"]
+    images = len(split["train"]) + len(split["validation"])
+    assert cached["vision_tower_runs"] == images                 # once per image: training and validation
+    # reused: epochs 2 and 3; the validation images at the 2nd and 3rd evaluation and the final validation loss
+    assert cached["vision_features_reused"] == 2 * len(split["train"]) + 3 * len(split["validation"])
+    assert "vision_tower_runs" not in plain
+    assert len(cached_decodes) < len(plain_decodes) and len(set(cached_decodes)) == images
+    assert sum(p.endswith(split["train"][0]) for p in cached_decodes) <= 2  # its first draw (and the length check)
+    assert cached["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-5)
+    assert cached_adapter.keys() == plain_adapter.keys()
+    for key in cached_adapter:
+        assert torch.allclose(cached_adapter[key], plain_adapter[key], atol=1e-5), key
 
 
 def test_pixel_demo_reads_shapes_from_the_pixels(tmp_path):
