@@ -6,6 +6,7 @@
 Rows, each in its own process, interleaved per round:
   ours          python main.py --task train (configs/demo_vlm_shapes.yaml's data layout, vision tower frozen)
   ours-wN       the same with --dataloader_num_workers N (ours-w0: every sample loaded in the main process)
+  ours-nocache  the same with --vision_cache_mb 0: the frozen tower runs, and images are decoded, every epoch
   plain         the recipe of the transformers/TRL VLM examples: Trainer + PEFT, a collator that renders each batch
                 with the processor's chat template and processor(text, images, padding=True), labels = the whole
                 sequence with padding and image tokens masked
@@ -90,11 +91,9 @@ def _cfg(model: Path, images: Path, side: int, out: Path):
     return build_config(raw, "bench")
 
 
-def run_ours(model: Path, images: Path, side: int, out: Path, workers: str | None = None) -> dict:
+def run_ours(model: Path, images: Path, side: int, out: Path, extra: tuple = ()) -> dict:
     args = [sys.executable, str(ROOT / "main.py"), "--task", "train", "--config",
-            str(ROOT / "configs/demo_vlm_shapes.yaml")]
-    if workers is not None:
-        args += ["--dataloader_num_workers", workers]
+            str(ROOT / "configs/demo_vlm_shapes.yaml"), *extra]
     for key, value in settings(model, images, side, out).items():
         args += [f"--{key}", "null" if value is None else str(value).lower() if isinstance(value, bool) else value]
     proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=ROOT)
@@ -222,8 +221,10 @@ def validation_loss(model: Path, images: Path, side: int, adapter: str, names: l
 
 def child(row: str, model: Path, images: Path, side: int, out: Path, split: str | None) -> None:
     t = time.time()
-    if row == "ours" or row.startswith("ours-w"):
-        res = run_ours(model, images, side, out, row[6:] or None)
+    if row == "ours" or row.startswith("ours-"):
+        extra = ("--vision_cache_mb", "0") if row == "ours-nocache" else \
+            ("--dataloader_num_workers", row[6:]) if row.startswith("ours-w") else ()
+        res = run_ours(model, images, side, out, extra)
     elif row == "plain":
         res = run_plain(model, images, side, out, json.loads(Path(split).read_text()))
     else:

@@ -120,6 +120,29 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(models, tmp_path):
     assert len(ckpts) == 1 and b"resume_from_checkpoint auto" in out
 
 
+def test_setup_objects_are_kept_from_the_collector_during_training_only(models, tmp_path, monkeypatch):
+    """The objects setup made are frozen out of the garbage collector while the Trainer runs (its full collections
+    then skip them), and unfrozen after it, whether training ends or fails."""
+    import gc
+
+    import transformers
+
+    seen, real = [], transformers.Trainer.train
+
+    def train(self, *a, **k):
+        seen.append(gc.get_freeze_count())
+        if len(seen) == 2:
+            raise RuntimeError("failed mid-training")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    assert run_main("--task", "train", *_train_args(models, tmp_path, num_train_epochs=1)) == 0
+    assert seen[0] > 1000 and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError, match="failed mid-training"):
+        run_main("--task", "train", *_train_args(models, tmp_path, num_train_epochs=1), "--overwrite_output_dir")
+    assert gc.get_freeze_count() == 0
+
+
 def test_nan_loss_stops_with_a_message(models, tmp_path, monkeypatch, capsys):
     from transformers import Trainer
 
