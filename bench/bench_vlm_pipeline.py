@@ -5,6 +5,7 @@
 For each square side (448: 196 image tokens, 896: 784 with Qwen3-VL's 32x32 pixels per token) it writes photo-like
 JPEG images (noise over gradients, quality 90), named so that data/vlm_shapes' label map reads them, then measures:
 
+  the patch embedding over a batch of 4 images' patches, PyTorch's Conv3d against the matmul it equals (all cores);
   per sample, single-threaded as the Trainer's main process runs it (dataloader_num_workers 0): decoding the file
   (`data_processing.load_image`) and the whole encoding LazyImageDataset does per draw (decode, the Qwen3-VL
   processor's resize, normalise and patchify, the chat template, tokenising), once as the processor ships (float32
@@ -90,6 +91,36 @@ def per_sample(cfg, model: Path, paths: list[Path]) -> dict:
             "jpeg_kb": round(statistics.median(p.stat().st_size for p in paths[:16]) / 2**10, 1)}
 
 
+def patch_embedding(side: int, images: int = 4) -> dict:
+    """The Qwen3-VL patch embedding over a batch's patches, as PyTorch's Conv3d and as the matmul it equals
+    (vision_tower.patch_embedding_as_matmul), at the tiny model's width (64) and Qwen3-VL-2B's (1024)."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
+
+    from vision_tower import patch_embedding_as_matmul
+
+    x = torch.rand(images * (side // 16) ** 2, 3 * 2 * 16 * 16)
+    res = {}
+    for width in (64, 1024):
+        conv = Qwen3VLVisionPatchEmbed(SimpleNamespace(patch_size=16, temporal_patch_size=2, in_channels=3,
+                                                       hidden_size=width))
+        matmul = copy.deepcopy(conv)
+        assert patch_embedding_as_matmul(matmul) == 1
+        for name, module in (("conv", conv), ("matmul", matmul)):
+            times = []
+            with torch.no_grad():
+                for i in range(12):
+                    t = time.perf_counter()
+                    module(x)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t)
+            res[f"{name}_{width}_ms"] = round(1000 * statistics.median(times), 2)
+    return res
+
+
 def per_step(model: Path, images: Path, side: int, out: Path, steps: int, workers: int,
              second_epoch: bool = False) -> dict:
     import torch
@@ -155,7 +186,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # as the main process encodes samples between steps
         sample = per_sample(_cfg(model, folder, side, tmp / "unused"), model, paths)
         torch.set_num_threads(threads)
-        results[side] = {**sample, **per_step(model, folder, side, tmp / f"run-{side}", args.steps, 0)}
+        results[side] = {**sample, **patch_embedding(side),
+                         **per_step(model, folder, side, tmp / f"run-{side}", args.steps, 0)}
         with_worker = per_step(model, folder, side, tmp / f"run-{side}-worker", args.steps, 1)
         results[side].update({f"worker_{k}": v for k, v in with_worker.items()})
         cached = per_step(model, folder, side, tmp / f"run-{side}-cached", args.steps, 0, second_epoch=True)
@@ -167,6 +199,12 @@ def main(argv=None) -> int:
     for side, r in results.items():
         print(f"| {side}x{side} | {r['image_tokens']} | {r['decode_ms']} | {r['encode_ms']} | {r['encode_uint8_ms']} "
               f"| {r['cache_mb']} ({r['jpeg_kb']}) | {r['cache_load_ms']} |")
+    print("\n| image | patches of 4 images | Conv3d ms, width 64 | matmul ms, width 64 | Conv3d ms, width 1024 "
+          "| matmul ms, width 1024 |")
+    print("|---|---|---|---|---|---|")
+    for side, r in results.items():
+        print(f"| {side}x{side} | {4 * (side // 16) ** 2} | {r['conv_64_ms']} | {r['matmul_64_ms']} | "
+              f"{r['conv_1024_ms']} | {r['matmul_1024_ms']} |")
     print("\n| image | loading | step ms | data ms (share) | forward ms | backward ms | optimizer ms |")
     print("|---|---|---|---|---|---|---|")
     for side, r in results.items():

@@ -316,6 +316,25 @@ def test_frozen_tower_runs_once_per_image_and_trains_the_same(models, tmp_path, 
         assert torch.allclose(cached_adapter[key], plain_adapter[key], atol=1e-5), key
 
 
+def test_feature_cache_keeps_to_its_budget_and_reaches_workers_empty():
+    """Entries past vision_cache_mb are not kept (those images run the tower each time); a loader worker started by
+    spawn unpickles an empty cache, so its samples keep their pixels."""
+    import pickle
+
+    import torch
+
+    from vision_tower import FeatureCache
+
+    cache = FeatureCache(1)
+    part = torch.ones(150 * 1024)                      # 600 KB of float32
+    cache.put(1, [part])
+    cache.put(2, [part])                               # over the 1 MB budget: left out
+    assert 1 in cache and 2 not in cache and cache.used <= 2**20
+    assert torch.equal(cache.entries[1][0], part)
+    clone = pickle.loads(pickle.dumps(cache))
+    assert 1 not in clone and clone.budget == cache.budget
+
+
 def test_pixel_demo_reads_shapes_from_the_pixels(tmp_path):
     """configs/demo_vlm_shapes.yaml: with its vision tower trained, the tiny model names a shape that neither colour
     nor brightness tells (equal areas, colours drawn alike) on held-out images, far above the 1/3 of chance."""
