@@ -30,7 +30,9 @@ def _embeddings(model):
 
 def _matmul_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     conv, affine = self.proj, self._pixel_affine  # affine: (scale, shift) per channel while uint8 pixels pass
-    if type(conv) is not torch.nn.Conv3d:  # wrapped since (a LoRA adapter on it): its own forward, as shipped
+    # Its own forward, as shipped, where the convolution was wrapped since (a LoRA adapter on it) or its weight is
+    # partitioned (DeepSpeed ZeRO-3 gathers a module's weights when that module itself is called).
+    if type(conv) is not torch.nn.Conv3d or conv.weight.numel() == 0 or hasattr(conv.weight, "ds_id"):
         x = hidden_states.reshape(-1, self.in_channels, self.temporal_patch_size, self.patch_size, self.patch_size)
         if affine is not None:
             scale, shift = (a.to(x.device)[None, :, None, None, None] for a in affine)

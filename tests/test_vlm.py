@@ -454,6 +454,31 @@ def test_patch_embedding_runs_as_a_matmul_with_the_convolutions_values_and_gradi
     assert (adapted - expected).abs().max() > 1e-3
 
 
+def test_patch_embedding_calls_its_convolution_where_deepspeed_partitions_it(monkeypatch):
+    """Under ZeRO-3 a module's weights are gathered when the module itself is called: a partitioned convolution
+    (DeepSpeed marks it with ds_id) is called as shipped, not read by the matmul path."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchEmbed
+
+    from vision_tower import patch_embedding_as_matmul
+
+    embed = Qwen3VLVisionPatchEmbed(SimpleNamespace(patch_size=16, temporal_patch_size=2, in_channels=3,
+                                                    hidden_size=8))
+    x = torch.rand(5, 3 * 2 * 16 * 16)
+    with torch.no_grad():
+        expected = embed(x)
+    assert patch_embedding_as_matmul(embed) == 1
+    calls, real = [], torch.nn.Conv3d.forward
+    monkeypatch.setattr(torch.nn.Conv3d, "forward", lambda self, inp: calls.append(1) or real(self, inp))
+    with torch.no_grad():
+        embed(x)
+        assert not calls
+        embed.proj.weight.ds_id = 7
+        assert torch.allclose(embed(x), expected, atol=1e-5) and calls
+
+
 def test_encoder_keeps_float_pixels_where_the_processor_gives_no_bytes(models, tmp_path):
     """A processor that ignores the raw-pixel options (it resizes in float) keeps the float path: the Encoder drops
     the options instead of handing the model pixels it would normalise twice."""
