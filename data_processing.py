@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -361,8 +362,9 @@ class LazyImageDataset(torch.utils.data.Dataset):
         sample = self.encoder(self.examples[i])
         if sample is not None:
             pixels = sample["pixel_values"]
-            self.tokens[i] = ({k: v for k, v in sample.items() if k != "pixel_values"},
-                              pixels.new_empty((0, pixels.shape[-1])))
+            # ids as 8-byte arrays, not lists of Python ints (36 bytes a token, each walked by the collector)
+            self.tokens[i] = ({k: array("q", v) if isinstance(v, list) else v for k, v in sample.items()
+                               if k != "pixel_values"}, pixels.new_empty((0, pixels.shape[-1])))
             sample.update(image_keys=torch.tensor([key]), image_omitted=torch.tensor([False]))
         return sample
 
