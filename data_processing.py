@@ -419,17 +419,26 @@ class Collator:
             "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (longest - len(b["input_ids"]))
                                             for b in batch], dtype=torch.long),
         }
-        for key in batch[0]:
-            if key in self.TEXT_KEYS or key == "attention_mask":
-                continue
-            values = [b[key] for b in batch]
-            per_token = all(torch.is_tensor(v) and v.dim() == 1 and len(v) == len(b["input_ids"])
-                            for v, b in zip(values, batch))
-            if per_token:
-                result[key] = torch.stack([torch.nn.functional.pad(v, (0, longest - len(v))) for v in values])
-            elif all(torch.is_tensor(v) for v in values):
-                result[key] = torch.cat(values, dim=0)
-        return result
+        return join_extras(batch, result,
+                           lambda values: torch.stack([torch.nn.functional.pad(v, (0, longest - len(v)))
+                                                       for v in values]))
+
+
+def join_extras(batch: list[dict], result: dict, join_per_token) -> dict:
+    """Adds every tensor of `batch` besides the text to `result`: per-token ones (one value per input id, e.g.
+    mm_token_type_ids) through `join_per_token` (padded rows, or one packed row), per-image ones (pixel values,
+    grids, image keys) concatenated along the image axis."""
+    for key in batch[0]:
+        if key in Collator.TEXT_KEYS or key == "attention_mask":
+            continue
+        values = [b[key] for b in batch]
+        per_token = all(torch.is_tensor(v) and v.dim() == 1 and len(v) == len(b["input_ids"])
+                        for v, b in zip(values, batch))
+        if per_token:
+            result[key] = join_per_token(values)
+        elif all(torch.is_tensor(v) for v in values):
+            result[key] = torch.cat(values, dim=0)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -223,7 +223,10 @@ def load_base(cfg: Config, purpose: str):
         model = model.to(dtype)  # a dequantized FP8 checkpoint comes back in bf16
     if purpose == "train" and bits == 4:
         keep_4bit_differentiable(model)
-    model.config.use_cache = purpose != "train"
+    # A training forward keeps no KV cache; the text config of a VLM too, which its language model reads (with a
+    # cache, transformers also stops telling packed samples apart by their restarting positions).
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = purpose != "train"
     if cfg.model_type == "vlm":
         patch_embedding_as_matmul(model)
     logger.info("loaded %s (%s, %s%s) on %s", cfg.model_name_or_path, type(model).__name__, str(dtype).split(".")[-1],

@@ -1,6 +1,6 @@
 """Padding-free packing: the samples of a batch concatenated into one row, each attending only to itself.
 
-    python main.py --task train [--packing auto|true|false]
+    python main.py --task train [--packing auto|true|false]      (LLMs, and VLMs with multimodal rope positions)
 
 `auto` (the default) packs wherever that check passes: a packed epoch is the random-batch epoch without its
 padding, the same losses (BENCHMARKS.md). Length grouping (`group_by_length: true`, which `auto` then yields to)
@@ -15,6 +15,10 @@ boundaries, and transformers 5 builds a block-diagonal mask from them for SDPA a
 builds its positions and mask from the attention mask) would let samples attend to each other silently, so
 packing is not assumed from the architecture: `keeps_samples_apart` runs the model once on a packed pair before
 training and `packing: true` is refused where the second sample's logits change.
+
+VLMs of the Qwen-VL family number their tokens with multimodal rope: three position axes (time, height, width)
+that follow each image's grid, computed by the model's `get_rope_index` from the token types and the grids. A
+packed row gets them through `rope_positions_for_packed_rows`; a VLM without them is not packed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import logging
 
 import torch
 
-from data_processing import IGNORE_INDEX
+from data_processing import IGNORE_INDEX, join_extras
+from losses import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +38,54 @@ logger = logging.getLogger(__name__)
 _ISOLATION_RATIO = 0.1
 
 
-def packed_collator():
-    from transformers import DataCollatorWithFlattening
+class PackedCollator:
+    """transformers' `DataCollatorWithFlattening` for the text, and each sample's other tensors joined: per-token
+    ones (mm_token_type_ids) into the one row, per-image ones (pixel values, grids) along the image axis.
+    `multimodal`: the batch asks the model's pre-hook (`rope_positions_for_packed_rows`) for rope positions."""
 
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    def __init__(self, multimodal: bool = False):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.multimodal = multimodal
+
+    def __call__(self, batch: list[dict]) -> dict:
+        batch = [b for b in batch if b is not None]
+        result = join_extras(batch, self.flatten(batch), lambda values: torch.cat(values)[None])
+        if self.multimodal:
+            result["packed_samples"] = True
+        return result
+
+
+def rope_positions_for_packed_rows(model) -> bool:
+    """Lets a model with multimodal rope (its multimodal body has `get_rope_index`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+    take packed rows; False for any other model.
+
+    A pre-hook on the body turns the collator's restarting positions (batch, length) into the four rows these
+    models read: the text positions, which keep the samples apart in the attention mask, and the three rope axes
+    of each sample as if it ran alone. Why by hand: transformers computes rope positions per padded row only."""
+    body = getattr(unwrap(model), "model", None)
+    if not hasattr(body, "get_rope_index"):
+        return False
+    if getattr(body, "_packed_positions", None) is None:
+        body._packed_positions = body.register_forward_pre_hook(_packed_rope_positions, with_kwargs=True)
+    return True
+
+
+def _packed_rope_positions(body, args, kwargs):
+    if not kwargs.pop("packed_samples", False):
+        return None
+    pos, ids, types = kwargs.get("position_ids"), kwargs.get("input_ids"), kwargs.get("mm_token_type_ids")
+    grids = {k: kwargs.get(k) for k in ("image_grid_thw", "video_grid_thw")}
+    if pos is None or pos.dim() != 2 or ids is None or types is None or all(g is None for g in grids.values()):
+        return args, kwargs  # text only: the model gives every rope axis the text positions, as it would alone
+    rope, _ = body.get_rope_index(ids, types, **grids)
+    # get_rope_index numbers the row as one sequence; each axis of a sample's first token (index t - pos[t]) holds
+    # the offset that gave the whole sample, so subtracting it gives the positions the sample has alone.
+    first = (torch.arange(pos.shape[-1], device=pos.device) - pos).clamp_min(0).to(rope.device)
+    rope = rope - rope.gather(2, first[None].expand_as(rope))
+    kwargs["position_ids"] = torch.cat([pos[None], rope.to(pos.device, pos.dtype)])
+    return args, kwargs
 
 
 def keeps_samples_apart(model) -> tuple[bool, float]:

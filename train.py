@@ -48,7 +48,7 @@ from outputs import (
     run_lock,
     write_json,
 )
-from packing import keeps_samples_apart, packed_collator
+from packing import PackedCollator, keeps_samples_apart, rope_positions_for_packed_rows
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
 from vision_tower import cache_vision_features, normalise_pixels_on_model
 
@@ -89,7 +89,6 @@ class _Run:
 
 def _check(cfg: Config) -> None:
     """Everything that can be refused from the configuration alone, before any data or model is read."""
-    _check_packing(cfg)
     _check_gpu_options(cfg)
     _check_sharding(cfg)
     if not cfg.overwrite_output_dir:
@@ -162,7 +161,8 @@ def _trainer(state: _Run, model, train_ds) -> _LoraTrainer:
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = _LoraTrainer(model=model, args=state.args, train_dataset=train_ds, eval_dataset=state.eval_ds,
-                           data_collator=packed_collator() if state.packing else Collator(processor),
+                           data_collator=PackedCollator(cfg.model_type == "vlm") if state.packing else
+                           Collator(processor),
                            processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
     state.sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     trainer.answer_only = cfg.answer_only_logits and not cfg.use_liger_kernel
@@ -339,17 +339,11 @@ class _ProgressLog(TrainerCallback):
             logger.info("epoch %.2f step %d: eval_loss %.4f", state.epoch or 0, state.global_step, metrics["eval_loss"])
 
 
-def _check_packing(cfg: Config) -> None:
-    if cfg.packing == "true" and cfg.model_type == "vlm":
-        raise UserError("`packing: true` is for LLMs only: a VLM's rope positions (Qwen3-VL's 3-D position ids) "
-                        "follow each sample's own image grid, which one packed row cannot carry; set packing: false")
-
-
 def _use_packing(cfg: Config, model) -> bool:
     """`packing: true` after the measured isolation check (packing.py); `auto` packs where that check passes,
     unless `group_by_length: true` asks for length grouping (faster on SDPA/eager, but it reweights the tokens:
-    BENCHMARKS.md)."""
-    if cfg.packing == "false" or cfg.model_type == "vlm":
+    BENCHMARKS.md). VLMs need multimodal rope positions to pack, and `auto` packs them on FlashAttention-2 only."""
+    if cfg.packing == "false":
         return False
     if cfg.packing == "auto" and cfg.group_by_length == "true":
         logger.info("packing auto: group_by_length: true asks for length-grouped padded batches instead")
@@ -357,6 +351,19 @@ def _use_packing(cfg: Config, model) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     backend = cfg.attn_implementation or getattr(model.config, "_attn_implementation", None) or "default"
+    if cfg.model_type == "vlm":
+        if not rope_positions_for_packed_rows(model):
+            if cfg.packing == "true":
+                raise UserError(f"`packing: true`: {type(unwrap(model)).__name__} has no multimodal rope positions "
+                                "(get_rope_index, as in the Qwen2-VL, Qwen2.5-VL and Qwen3-VL family) to number "
+                                "the samples of a packed row; set packing: false")
+            return False
+        if cfg.packing == "auto" and backend != "flash_attention_2":
+            # Image tokens make VLM rows long, and SDPA/eager mask a packed row densely (its length squared): no
+            # faster than padded batches even with mixed image sizes, slower with equal ones (BENCHMARKS.md).
+            logger.info("packing auto: a VLM on %s attention trains in padded batches (as fast as packed rows, "
+                        "or faster); packing: true packs it", backend)
+            return False
     if is_deepspeed_zero3_enabled():  # weights partitioned since loading: no forward outside the engine
         if backend == "flash_attention_2":
             return True  # varlen kernels cut at restarting positions whatever the model's mask code does

@@ -1,12 +1,14 @@
 """VLM LoRA training: this project against LLaMA-Factory 0.9.5 and the plain recipe, same model, images, LoRA (CPU).
 
     bash bench/setup_llamafactory.sh            once (LLaMA-Factory in its own virtualenv)
-    python bench/bench_vlm_train.py [--sides 448,896] [--repeat 2] [--rows ours,plain,...] [--json out.json]
+    python bench/bench_vlm_train.py [--sides 448,896,mixed] [--repeat 2] [--rows ours,plain,...] [--json out.json]
 
 Rows, each in its own process, interleaved per round:
   ours          python main.py --task train (configs/demo_vlm_shapes.yaml's data layout, vision tower frozen)
   ours-wN       the same with --dataloader_num_workers N (ours-w0: every sample loaded in the main process)
   ours-nocache  the same with --vision_cache_mb 0: the frozen tower runs, and images are decoded, every epoch
+  ours-pack, ours-pad  the same with --packing true / --packing false (ours: the default, packing auto)
+  ours-random   --packing false --group_by_length false: padded batches in random order
   plain         the recipe of the transformers/TRL VLM examples: Trainer + PEFT, a collator that renders each batch
                 with the processor's chat template and processor(text, images, padding=True), labels = the whole
                 sequence with padding and image tokens masked
@@ -15,11 +17,12 @@ Rows, each in its own process, interleaved per round:
   llamafactory-ckpt  the same with LLaMA-Factory's default, gradient checkpointing on
 All: the tiny random-initialised Qwen3-VL with the Qwen3-VL processor settings (patch 16, merge 2), 96
 training images of the shapes demo drawn at each side (448: 196 image tokens, 896: 784), image_min_pixels =
-image_max_pixels = side^2, LoRA r=16 alpha 32 on the language model's linear layers, vision tower frozen, batch
-4, 2 epochs, lr 5e-4 constant, seed 0, float32. Reported: training samples/s (train_runtime of each), the
-process's peak RSS, and the validation loss of each adapter on 24 held-out images, scored alike (this project's
-encoding, answer tokens, token-weighted). The tiny model makes the step cheap, so the rows measure what each
-pipeline adds around it (image loading, processing, collation) rather than the model's arithmetic.
+image_max_pixels = side^2 (`mixed`: each image at its own side, 224 to 896 in steps of 32, so 49 to 784 image
+tokens, and the bounds 224^2 and 896^2), LoRA r=16 alpha 32 on the language model's linear layers, vision
+tower frozen, batch 4, 2 epochs, lr 5e-4 constant, seed 0, float32. Reported: training samples/s (train_runtime of
+each), the process's peak RSS, and the validation loss of each adapter on 24 held-out images, scored alike (this
+project's encoding, answer tokens, token-weighted). The tiny model makes the step cheap, so the rows measure what
+each pipeline adds around it (image loading, processing, collation) rather than the model's arithmetic.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ EPOCHS, BATCH, LR, R = 2, 4, 5e-4, 16
 SHAPES = ROOT / "data/vlm_shapes"
 
 
+MIXED = 0  # --sides mixed: every image at a side of its own
+
+
+def pixel_bounds(side: int) -> tuple[int, int]:
+    """image_min_pixels and image_max_pixels for a side (MIXED: the range its images are drawn in)."""
+    return (224 * 224, 896 * 896) if side == MIXED else (side * side, side * side)
+
+
 def make_images(folder: Path, side: int, per_code: int = 20) -> Path:
     import make_shapes_data
 
@@ -52,8 +63,9 @@ def make_images(folder: Path, side: int, per_code: int = 20) -> Path:
     for shape in range(3):
         for colour in range(2):
             for _ in range(per_code):
-                make_shapes_data.draw(shape, colour, side, rng).save(folder / f"{shape}{colour}_{n:03d}.jpg",
-                                                                     quality=90)
+                drawn = side or rng.randrange(224, 897, 32)
+                make_shapes_data.draw(shape, colour, drawn, rng).save(folder / f"{shape}{colour}_{n:03d}.jpg",
+                                                                      quality=90)
                 n += 1
     return folder
 
@@ -77,7 +89,8 @@ def build_model(path: Path) -> Path:
 def settings(model: Path, images: Path, side: int, out: Path) -> dict:
     """This project's keys for every row's settings (on top of configs/demo_vlm_shapes.yaml)."""
     return dict(model_name_or_path=model, tiny_model=None, image_dir=images, output_dir=out,
-                image_min_pixels=side * side, image_max_pixels=side * side, max_length=2048, freeze_vision_tower=True,
+                image_min_pixels=pixel_bounds(side)[0], image_max_pixels=pixel_bounds(side)[1], max_length=2048,
+                freeze_vision_tower=True,
                 num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH, learning_rate=LR, lora_r=R,
                 lora_alpha=2 * R, validation_split=0.2, save_strategy="no", eval_strategy="no", seed=0,
                 dtype="float32")
@@ -116,7 +129,7 @@ def run_plain(model: Path, images: Path, side: int, out: Path, split: dict) -> d
     label_map, system = load_label_map(Path(cfg.label_map_file)), system_prompt(cfg)
     set_seed(0)
     processor = AutoProcessor.from_pretrained(model)
-    processor.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+    processor.image_processor.size = dict(zip(("shortest_edge", "longest_edge"), pixel_bounds(side)))
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
     lora = LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -174,7 +187,7 @@ def run_llamafactory(model: Path, images: Path, side: int, out: Path, split: dic
     settings = dict(model_name_or_path=str(model), stage="sft", do_train=True, finetuning_type="lora",
                     lora_rank=R, lora_alpha=2 * R, lora_dropout=0.0, lora_target="all", freeze_vision_tower=True,
                     dataset="bench", dataset_dir=str(data), template="qwen3_vl_nothink", cutoff_len=2048,
-                    image_max_pixels=side * side, image_min_pixels=side * side,
+                    image_min_pixels=pixel_bounds(side)[0], image_max_pixels=pixel_bounds(side)[1],
                     output_dir=str(out / "adapter"), overwrite_output_dir=True, per_device_train_batch_size=BATCH,
                     gradient_accumulation_steps=1, num_train_epochs=float(EPOCHS), learning_rate=LR,
                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1000, save_strategy="no",
@@ -222,8 +235,11 @@ def validation_loss(model: Path, images: Path, side: int, adapter: str, names: l
 def child(row: str, model: Path, images: Path, side: int, out: Path, split: str | None) -> None:
     t = time.time()
     if row == "ours" or row.startswith("ours-"):
-        extra = ("--vision_cache_mb", "0") if row == "ours-nocache" else \
-            ("--dataloader_num_workers", row[6:]) if row.startswith("ours-w") else ()
+        extra = {"ours-nocache": ("--vision_cache_mb", "0"), "ours-pack": ("--packing", "true"),
+                 "ours-pad": ("--packing", "false"),
+                 "ours-random": ("--packing", "false", "--group_by_length", "false")}.get(row, ())
+        if row.startswith("ours-w"):
+            extra = ("--dataloader_num_workers", row[6:])
         res = run_ours(model, images, side, out, extra)
     elif row == "plain":
         res = run_plain(model, images, side, out, json.loads(Path(split).read_text()))
@@ -264,7 +280,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_vlm_train_"))
     model = build_model(tmp / "tiny-qwen3-vl")
     results = {}
-    for side in (int(s) for s in args.sides.split(",")):
+    for side in (MIXED if s == "mixed" else int(s) for s in args.sides.split(",")):
         images = make_images(tmp / f"images-{side}", side)
         runs: dict[str, list] = {row: [] for row in rows}
         for k in range(args.repeat):
@@ -284,7 +300,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for key, r in results.items():
         row, side = key.rsplit("-", 1)
-        print(f"| {row} | {side}x{side} ({(int(side) // 32) ** 2} tokens) | {r['train_seconds']:.1f} "
+        image = "224-896 (49-784 tokens)" if int(side) == MIXED else f"{side}x{side} ({(int(side) // 32) ** 2} tokens)"
+        print(f"| {row} | {image} | {r['train_seconds']:.1f} "
               f"({', '.join(map(str, r['train_seconds_all']))}) | {r['samples_per_second']:.1f} | "
               f"{r['peak_rss_mb']:.0f} | {r['validation_loss']:.4f} |")
     if args.json:

@@ -134,7 +134,7 @@ def test_wrong_target_module_lists_the_models_layers(models, tmp_path, capsys):
 
 def test_packing_trains_where_the_model_keeps_samples_apart(models, tmp_path, caplog, capsys):
     """Packing runs on SDPA (CPU) where the measured check passes, and is refused where the model would let
-    packed samples attend to each other (OPT builds its mask without position_ids) and for VLMs."""
+    packed samples attend to each other (OPT builds its mask without position_ids)."""
     data = small_llm_data(tmp_path / "data")
     args = ["--config", DEMO, "--data_dir", data, "--output_dir", tmp_path, "--num_train_epochs", "1"]
     with caplog.at_level("INFO"):
@@ -144,9 +144,6 @@ def test_packing_trains_where_the_model_keeps_samples_apart(models, tmp_path, ca
     capsys.readouterr()
     assert run_main("--task", "train", *args, "--model_name_or_path", models("opt"), "--packing", "true") == 2
     assert "OPTForCausalLM with sdpa attention lets packed samples attend to each other" in capsys.readouterr().err
-    assert run_main("--task", "train", *args, "--model_name_or_path", models("qwen3"), "--packing",
-                    "--model_type", "vlm") == 2
-    assert "LLMs only" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from packing import keeps_samples_apart, packed_collator
+from packing import PackedCollator, keeps_samples_apart, rope_positions_for_packed_rows
 
 LENGTHS = (5, 17, 9)
 
@@ -44,7 +44,7 @@ def test_packed_batch_equals_unpacked(models, arch, attn):
     alone = [_token_losses(model(input_ids=torch.tensor([s["input_ids"]])).logits[0], torch.tensor(s["labels"]))
              for s in samples]
     reference = _gradients(model, sum(alone))
-    batch = packed_collator()(samples)
+    batch = PackedCollator()(samples)
     assert batch["input_ids"].shape == (1, sum(LENGTHS)) and "attention_mask" not in batch
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
     ends = torch.tensor(LENGTHS).cumsum(0).tolist()
@@ -80,3 +80,127 @@ def test_auto_packs_where_the_check_passes_unless_grouping_is_asked_for(models, 
     assert "does not keep packed samples apart: padded batches" in caplog.text
     forced = build_config({"group_by_length": "true", "packing": "true"}, "test")
     assert _use_packing(forced, _model(models("qwen3"), "sdpa")) is True
+
+
+def _vlm(models, tmp_path, **keys):
+    """The tiny Qwen3-VL as training loads it, and three samples whose images differ in size (4, 6, 8 tokens)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from config import build_config
+    from data_loading import Example
+    from data_processing import Encoder
+    from model_config import load_base
+
+    cfg = build_config(dict(model_type="vlm", model_name_or_path=str(models("qwen3_vl")), dtype="float32",
+                            output_dir=str(tmp_path / "out"), image_min_pixels=4096, image_max_pixels=16384,
+                            **keys), "test")
+    torch.manual_seed(0)
+    model, processor = load_base(cfg, "train")
+    rng = np.random.default_rng(0)
+    examples = []
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 128)]):
+        path = tmp_path / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        examples.append(Example(prompt="What is in the image?", target=json.dumps({"n": i}), image=str(path)))
+    return cfg, model.eval(), processor, [Encoder(processor, cfg)(e) for e in examples]
+
+
+def test_packed_vlm_batch_equals_unpacked(models, tmp_path):
+    """A packed row of three images of different sizes gives each sample its own loss and gradients (within 1e-4;
+    measured about 1e-5): the text positions keep the samples apart, and each sample's multimodal rope positions
+    are the ones it has alone. Without them (the row's positions for every rope axis) the losses move."""
+    from data_processing import Collator
+
+    cfg, model, processor, samples = _vlm(models, tmp_path)
+    alone = []
+    for s in samples:
+        batch = Collator(processor)([s])
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        alone.append(_token_losses(logits, batch["labels"][0]))
+    reference = _gradients(model, sum(alone))
+
+    assert rope_positions_for_packed_rows(model)
+    batch = PackedCollator(multimodal=True)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (1, sum(lengths)) and batch["pixel_values"].shape[0] == sum(
+        int(s["image_grid_thw"].prod()) for s in samples)
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+
+    def per_sample(batch):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        return [_token_losses(logits[a:b], batch["labels"][0, a:b]) for a, b in zip([0] + ends[:-1], ends)]
+
+    packed = per_sample(batch)
+    for one, together in zip(alone, packed):
+        assert abs(one.item() - together.item()) < 1e-4
+    assert (reference - _gradients(model, sum(packed))).abs().max().item() < 1e-4
+
+    seen = {}
+    body = model.model
+    hook = body.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw["position_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    hook.remove()
+    own = [body.get_rope_index(torch.tensor([s["input_ids"]]), s["mm_token_type_ids"][None],
+                               image_grid_thw=s["image_grid_thw"])[0] for s in samples]
+    assert torch.equal(seen["pos"][1:], torch.cat(own, dim=2))  # rope axes: each sample's own, exactly
+    assert torch.equal(seen["pos"][0], batch["position_ids"])   # text axis: restarting per sample
+
+    without = dict(batch)
+    del without["packed_samples"]
+    with torch.no_grad():
+        moved = [abs(a.item() - b.item()) for a, b in zip(alone, per_sample(without))]
+    assert max(moved) > 1e-3
+
+
+def test_vlm_packs_only_with_multimodal_rope_positions(models, tmp_path):
+    """A VLM packs where its body numbers rope positions per image grid (Qwen3-VL); `packing: true` on a model
+    without them is refused by name; `auto` on SDPA pads (no faster packed there), `false` never packs."""
+    from config import UserError, build_config
+    from train import _use_packing
+
+    cfg, model, _, _ = _vlm(models, tmp_path, packing="true")
+    assert _use_packing(cfg, model) is True
+    text = _model(models("qwen3"), "sdpa")
+    with pytest.raises(UserError, match="Qwen3ForCausalLM has no multimodal rope positions"):
+        _use_packing(build_config({"model_type": "vlm", "packing": "true"}, "test"), text)
+    assert _use_packing(build_config({"model_type": "vlm", "packing": "auto"}, "test"), text) is False
+    assert _use_packing(build_config({"model_type": "vlm", "packing": "false"}, "test"), model) is False
+    assert _use_packing(build_config({"model_type": "vlm", "packing": "auto"}, "test"), model) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_vl"])
+def test_packed_batch_equals_unpacked_on_flash_attention_2(models, tmp_path, arch):
+    """FlashAttention-2's varlen kernels cut a packed row where the text positions restart: per-sample losses
+    equal the unpacked ones within bfloat16's rounding (2% relative)."""
+    pytest.importorskip("flash_attn")
+    from data_processing import Collator
+
+    if arch == "qwen3":
+        model = AutoModelForCausalLM.from_pretrained(models(arch), attn_implementation="flash_attention_2",
+                                                     dtype=torch.bfloat16).cuda().eval()
+        model.config.use_cache = False
+        samples, collate = _samples(model.config.vocab_size), PackedCollator()
+        singles = [{"input_ids": torch.tensor([s["input_ids"]]), "labels": torch.tensor([s["labels"]])}
+                   for s in samples]
+    else:
+        _, model, processor, samples = _vlm(models, tmp_path, attn_implementation="flash_attention_2",
+                                            dtype="bfloat16", device="cuda")
+        assert rope_positions_for_packed_rows(model)
+        collate = PackedCollator(multimodal=True)
+        singles = [Collator(processor)([s]) for s in samples]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        alone = [_token_losses(model(**{k: v.to(device) for k, v in b.items() if k != "labels"}).logits[0].float(),
+                               b["labels"][0].to(device)) for b in singles]
+        batch = collate(samples)
+        logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+                          if k != "labels"}).logits[0].float()
+    ends = torch.tensor([len(s["input_ids"]) for s in samples]).cumsum(0).tolist()
+    for one, (a, b) in zip(alone, zip([0] + ends[:-1], ends)):
+        assert _token_losses(logits[a:b], batch["labels"][0, a:b].to(device)).item() == pytest.approx(one.item(),
+                                                                                                    rel=2e-2)
