@@ -140,10 +140,11 @@ class Config:
     fused_loss: str = _f("auto", "with answer_only_logits, compute the training loss without materialising the "
                          "logits: auto (liger on a CUDA GPU when liger-kernel is installed, else torch), torch, "
                          "liger or off", ("auto", "torch", "liger", "off"))
-    packing: str = _f("auto", "LLM: the samples of a batch in one row without padding, kept apart by the "
-                      "attention (flash_attention_2, sdpa or eager; checked on the model before training): auto "
-                      "(where that check passes, unless group_by_length is true), true (refused where the check fails) "
-                      "or false",
+    packing: str = _f("auto", "the samples of a batch in one row without padding, kept apart by the attention "
+                      "(flash_attention_2, sdpa or eager; checked on the model before training; VLMs: the Qwen-VL "
+                      "family, whose rope positions follow each image): auto (where that check passes, unless "
+                      "group_by_length is true; VLMs on flash_attention_2 only), true (refused where the check "
+                      "fails) or false",
                       ("auto", "true", "false"))
     use_liger_kernel: Any = _lib(_TA, False)
     torch_compile: Any = _lib(_TA, False)

@@ -269,16 +269,29 @@ def main(argv=None) -> int:
                    help="ours first: the others train on its split")
     p.add_argument("--json")
     p.add_argument("--child", nargs=6, help=argparse.SUPPRESS)  # row model images side out split
+    p.add_argument("--build", help=argparse.SUPPRESS)            # folder for the tiny model
+    p.add_argument("--score", nargs=5, help=argparse.SUPPRESS)   # model images side adapter split
     args = p.parse_args(argv)
     if args.child:
         row, model, images, side, out, split = args.child
         child(row, Path(model), Path(images), int(side), Path(out), None if split == "-" else split)
         return 0
+    # The model is built and each adapter scored in processes of their own: a child process's peak RSS starts at
+    # this process's RSS when it is started, so this one must stay small for the peak RSS column to be each row's.
+    if args.build:
+        print("RESULT " + json.dumps({"path": str(build_model(Path(args.build)))}))
+        return 0
+    if args.score:
+        model, images, side, adapter, split = args.score
+        names = json.loads(Path(split).read_text())["validation"]
+        print("RESULT " + json.dumps({"validation_loss": validation_loss(Path(model), Path(images), int(side),
+                                                                         adapter, names)}))
+        return 0
     rows = args.rows.split(",")
     if rows[0] != "ours":
         raise SystemExit("--rows: ours comes first (the other rows train on the split it draws)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_vlm_train_"))
-    model = build_model(tmp / "tiny-qwen3-vl")
+    model = Path(_run(["--build", tmp / "tiny-qwen3-vl"])["path"])
     results = {}
     for side in (MIXED if s == "mixed" else int(s) for s in args.sides.split(",")):
         images = make_images(tmp / f"images-{side}", side)
@@ -290,10 +303,10 @@ def main(argv=None) -> int:
                 runs[row].append(_run(["--child", row, model, images, side, tmp / f"{row}-{side}-{k}",
                                        ours["split"]]))
             print(side, k, {row: r[-1]["train_seconds"] for row, r in runs.items()}, file=sys.stderr)
-        names = json.loads(Path(runs["ours"][0]["split"]).read_text())["validation"]
         for row, rounds in runs.items():
             best = sorted(rounds, key=lambda r: r["train_seconds"])[len(rounds) // 2]
-            best["validation_loss"] = validation_loss(model, images, side, best["adapter"], names)
+            best["validation_loss"] = _run(["--score", model, images, side, best["adapter"],
+                                            runs["ours"][0]["split"]])["validation_loss"]
             best["train_seconds_all"] = [round(r["train_seconds"], 2) for r in rounds]
             results[f"{row}-{side}"] = best
     print("\n| row | image | train s (rounds) | samples/s | peak RSS MB | validation loss |")
