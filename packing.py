@@ -57,16 +57,21 @@ class PackedCollator:
         return result
 
 
+def has_multimodal_rope(model) -> bool:
+    """Whether the model's multimodal body numbers rope positions per image grid (`get_rope_index`: Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL), which `rope_positions_for_packed_rows` needs."""
+    return hasattr(getattr(unwrap(model), "model", None), "get_rope_index")
+
+
 def rope_positions_for_packed_rows(model) -> bool:
-    """Lets a model with multimodal rope (its multimodal body has `get_rope_index`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
-    take packed rows; False for any other model.
+    """Lets a model with multimodal rope (`has_multimodal_rope`) take packed rows; False for any other model.
 
     A pre-hook on the body turns the collator's restarting positions (batch, length) into the four rows these
     models read: the text positions, which keep the samples apart in the attention mask, and the three rope axes
     of each sample as if it ran alone. Why by hand: transformers computes rope positions per padded row only."""
-    body = getattr(unwrap(model), "model", None)
-    if not hasattr(body, "get_rope_index"):
+    if not has_multimodal_rope(model):
         return False
+    body = unwrap(model).model
     if getattr(body, "_packed_positions", None) is None:
         body._packed_positions = body.register_forward_pre_hook(_packed_rope_positions, with_kwargs=True)
     return True

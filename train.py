@@ -48,7 +48,7 @@ from outputs import (
     run_lock,
     write_json,
 )
-from packing import PackedCollator, keeps_samples_apart, rope_positions_for_packed_rows
+from packing import PackedCollator, has_multimodal_rope, keeps_samples_apart, rope_positions_for_packed_rows
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
 from vision_tower import cache_vision_features, normalise_pixels_on_model
 
@@ -160,9 +160,9 @@ def _trainer(state: _Run, model, train_ds) -> _LoraTrainer:
     callbacks = [_ProgressLog(), _RecordIdentity(state.identity), _RisingValidationLoss(), state.first_step]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    multimodal = state.packing and rope_positions_for_packed_rows(model)  # a packed VLM row's rope positions
     trainer = _LoraTrainer(model=model, args=state.args, train_dataset=train_ds, eval_dataset=state.eval_ds,
-                           data_collator=PackedCollator(cfg.model_type == "vlm") if state.packing else
-                           Collator(processor),
+                           data_collator=PackedCollator(multimodal) if state.packing else Collator(processor),
                            processing_class=getattr(processor, "tokenizer", processor), callbacks=callbacks)
     state.sharded = trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
     trainer.answer_only = cfg.answer_only_logits and not cfg.use_liger_kernel
@@ -352,7 +352,7 @@ def _use_packing(cfg: Config, model) -> bool:
 
     backend = cfg.attn_implementation or getattr(model.config, "_attn_implementation", None) or "default"
     if cfg.model_type == "vlm":
-        if not rope_positions_for_packed_rows(model):
+        if not has_multimodal_rope(model):
             if cfg.packing == "true":
                 raise UserError(f"`packing: true`: {type(unwrap(model)).__name__} has no multimodal rope positions "
                                 "(get_rope_index, as in the Qwen2-VL, Qwen2.5-VL and Qwen3-VL family) to number "
