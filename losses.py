@@ -34,6 +34,12 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def multimodal_body(model):
+    """The model's body under its generation head (`.model`: for a VLM the module that takes the pixels and the
+    position ids, which the hooks of vision_tower.py and packing.py attach to); None where there is none."""
+    return getattr(unwrap(model), "model", None)
+
+
 def _answer_columns(inputs: dict):
     """(targets: the labels shifted by one, keep: the columns where some row's next token is an answer token)."""
     targets = inputs["labels"][:, 1:]

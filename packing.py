@@ -28,7 +28,7 @@ import logging
 import torch
 
 from data_processing import IGNORE_INDEX, join_extras
-from losses import unwrap
+from losses import multimodal_body
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class PackedCollator:
 def has_multimodal_rope(model) -> bool:
     """Whether the model's multimodal body numbers rope positions per image grid (`get_rope_index`: Qwen2-VL,
     Qwen2.5-VL, Qwen3-VL), which `rope_positions_for_packed_rows` needs."""
-    return hasattr(getattr(unwrap(model), "model", None), "get_rope_index")
+    return hasattr(multimodal_body(model), "get_rope_index")
 
 
 def rope_positions_for_packed_rows(model) -> bool:
@@ -71,7 +71,7 @@ def rope_positions_for_packed_rows(model) -> bool:
     of each sample as if it ran alone. Why by hand: transformers computes rope positions per padded row only."""
     if not has_multimodal_rope(model):
         return False
-    body = unwrap(model).model
+    body = multimodal_body(model)
     if getattr(body, "_packed_positions", None) is None:
         body._packed_positions = body.register_forward_pre_hook(_packed_rope_positions, with_kwargs=True)
     return True

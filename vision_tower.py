@@ -14,7 +14,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from losses import unwrap
+from losses import multimodal_body
 
 
 def _embeddings(model):
@@ -83,7 +83,7 @@ def normalise_pixels_on_model(model, processor) -> bool:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     except ImportError:
         return False
-    body = getattr(unwrap(model), "model", None)  # the multimodal body, called as a module by the generation head
+    body = multimodal_body(model)
     if not isinstance(ip, Qwen2VLImageProcessor) or not hasattr(body, "visual"):
         return False
     if getattr(body, "_pixel_normaliser", None) is not None:
@@ -181,7 +181,7 @@ def cache_vision_features(model, budget_mb: int) -> FeatureCache | None:
     pixels alone, and Trainer re-runs it each epoch (no peer caches it)."""
     import inspect
 
-    body = getattr(unwrap(model), "model", None)
+    body = multimodal_body(model)
     if budget_mb <= 0 or not hasattr(body, "visual") or not hasattr(body, "get_image_features"):
         return None
     if any(p.requires_grad for p in body.visual.parameters()):

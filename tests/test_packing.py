@@ -29,6 +29,12 @@ def _token_losses(logits, labels):
     return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
 
 
+def _per_sample_losses(logits, labels, lengths):
+    """A packed row's logits (tokens, vocab) and labels (tokens,) cut back into each sample's summed loss."""
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    return [_token_losses(logits[a:b], labels[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+
+
 def _gradients(model, loss):
     model.zero_grad()
     loss.backward()
@@ -47,9 +53,7 @@ def test_packed_batch_equals_unpacked(models, arch, attn):
     batch = PackedCollator()(samples)
     assert batch["input_ids"].shape == (1, sum(LENGTHS)) and "attention_mask" not in batch
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-    ends = torch.tensor(LENGTHS).cumsum(0).tolist()
-    packed = [_token_losses(logits[start:end], batch["labels"][0, start:end])
-              for start, end in zip([0] + ends[:-1], ends)]
+    packed = _per_sample_losses(logits, batch["labels"][0], LENGTHS)
     for one, together in zip(alone, packed):
         assert abs(one.item() - together.item()) < 1e-4
     assert (reference - _gradients(model, sum(packed))).abs().max().item() < 1e-4
@@ -127,11 +131,10 @@ def test_packed_vlm_batch_equals_unpacked(models, tmp_path):
     lengths = [len(s["input_ids"]) for s in samples]
     assert batch["input_ids"].shape == (1, sum(lengths)) and batch["pixel_values"].shape[0] == sum(
         int(s["image_grid_thw"].prod()) for s in samples)
-    ends = torch.tensor(lengths).cumsum(0).tolist()
 
     def per_sample(batch):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        return [_token_losses(logits[a:b], batch["labels"][0, a:b]) for a, b in zip([0] + ends[:-1], ends)]
+        return _per_sample_losses(logits, batch["labels"][0], lengths)
 
     packed = per_sample(batch)
     for one, together in zip(alone, packed):
@@ -200,7 +203,6 @@ def test_packed_batch_equals_unpacked_on_flash_attention_2(models, tmp_path, arc
         batch = collate(samples)
         logits = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
                           if k != "labels"}).logits[0].float()
-    ends = torch.tensor([len(s["input_ids"]) for s in samples]).cumsum(0).tolist()
-    for one, (a, b) in zip(alone, zip([0] + ends[:-1], ends)):
-        assert _token_losses(logits[a:b], batch["labels"][0, a:b].to(device)).item() == pytest.approx(one.item(),
-                                                                                                    rel=2e-2)
+    packed = _per_sample_losses(logits, batch["labels"][0].to(device), [len(s["input_ids"]) for s in samples])
+    for one, together in zip(alone, packed):
+        assert together.item() == pytest.approx(one.item(), rel=2e-2)
