@@ -104,9 +104,10 @@ class Config:
     augmentation_p: float = _f(0.5, "VLM: probability of each chosen augmentation per image, in (0, 1]")
     freeze_vision_tower: bool = _f(True, "VLM: keep the vision encoder frozen")
     lora_on_vision: bool = _f(False, "VLM: also put LoRA on the vision encoder's linear layers")
-    vision_cache_mb: int = _f(4096, "VLM training with a frozen vision tower: host memory for the tower's output "
-                              "per image, kept from its first pass so later epochs skip the tower and the image "
-                              "decoding; images past the budget run the tower each time; 0 turns it off")
+    vision_cache_mb: int = _f(4096, "VLM training with a frozen vision tower: host memory (per machine, shared by "
+                              "its training processes) for the tower's output per image, kept from its first pass "
+                              "so later epochs skip the tower and the image decoding; images past the budget run "
+                              "the tower each time; 0 turns it off")
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: str = _f("./output", "root of the outputs; each base model gets output_dir/<model-name>/")
     # --- training ---------------------------------------------------------------------------------
@@ -199,6 +200,9 @@ class Config:
     request_timeout: float = _f(300.0, "serve: seconds a request may take, queueing included; then 504")
     max_request_mb: float = _f(20.0, "serve: largest request body in MB (images travel base64 inside it); "
                                "larger get 413")
+    allowed_hosts: list[str] = _f([], "serve: Host header names the server answers besides the loopback names "
+                                  "(localhost, 127.0.0.1, ::1) and --host itself: the machine's name or address "
+                                  "when serving on 0.0.0.0, * for any; other names get 400 (DNS rebinding)")
     image_folder: str | None = _f(None, "serve: a local folder whose images requests may name by path or file:// "
                                   "URL; null refuses every path and remote URL (only data: URLs)")
     # --- misc -------------------------------------------------------------------------------------
@@ -233,7 +237,11 @@ class Config:
                 if f.metadata["library"] == owner}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key's value, secrets left out (saved run_config.yaml files and logs never hold them)."""
+        values = dataclasses.asdict(self)
+        for key in SECRET_KEYS:
+            values[key] = None
+        return values
 
     def relevant(self) -> dict[str, Any]:
         """The keys that matter for this modality (no VLM keys on an LLM run, and the reverse)."""
@@ -260,6 +268,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+SECRET_KEYS = ("api_key",)
 PATH_KEYS = ("model_name_or_path", "data_dir", "image_dir", "prompt_file", "label_map_file", "output_dir", "input",
              "output", "resume_from_checkpoint", "image_folder")
 _SHORT = reprlib.Repr()  # values echoed in messages stay short, whatever the user passed
@@ -330,23 +339,25 @@ def _convert(name: str, value: Any, from_cli: bool, library: bool = True) -> Any
     if base is int:
         if isinstance(value, bool):
             raise ValueError(f"expected a whole number, got {_SHORT.repr(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise ValueError(f"expected a whole number, got {_SHORT.repr(value)}")
+        number = _number(value)
+        if isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if not isinstance(number, int):
+            raise ValueError(f"expected a whole number, got {_SHORT.repr(value)}")
+        if abs(number) > INT_LIMIT:
+            raise ValueError(f"= {_SHORT.repr(value)} is too large (at most {INT_LIMIT})")
+        return number
     if base is float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {_SHORT.repr(value)}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {_SHORT.repr(value)}") from None
-        if not math.isfinite(number):
+        number = _number(value)
+        if isinstance(number, str) and number.strip().lower().lstrip("+-.") in ("inf", "infinity", "nan"):
             raise ValueError(f"expected a finite number, got {_SHORT.repr(value)}")
-        return number
+        if not isinstance(number, (int, float)):
+            raise ValueError(f"expected a number, got {_SHORT.repr(value)}")
+        if not math.isfinite(number) or abs(number) > 1e300:
+            raise ValueError(f"expected a finite number, got {_SHORT.repr(value)}")
+        return float(number)
     if base is str:
         if isinstance(value, bool):  # YAML reads true/false (yes/no/on/off) as booleans
             return "true" if value else "false"
@@ -417,6 +428,18 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
+def _type_library_values(values: dict[str, Any], hints: dict[str, Any], owner: str) -> list[str]:
+    """Type passed-through fields in place by the library's hints; the problems, one per key. The libraries
+    check their values' meaning but not their types: a YAML "yes" or "1e3" would pass and fail mid-run."""
+    problems = []
+    for key in list(values):
+        if key in hints:
+            values[key], problem = _library_value(key, values[key], hints[key], owner)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
 def _check_lora_args(cfg: Config) -> list[str]:
     """Let LoraConfig itself judge the passed-through LoRA fields, with this run's rank, alpha and dropout."""
     if not cfg.lora_args:
@@ -424,9 +447,7 @@ def _check_lora_args(cfg: Config) -> list[str]:
     from peft import LoraConfig
 
     # LoraConfig checks its values' meaning but not their types: a YAML "yes" or a typo'd mode would pass.
-    hints = get_type_hints(LoraConfig)
-    wrong = [f"`{k}` = {_SHORT.repr(v)}: LoraConfig expects {_type_name(hints[k])}" for k, v in cfg.lora_args.items()
-             if k in hints and not _fits(v, hints[k])]
+    wrong = _type_library_values(cfg.lora_args, get_type_hints(LoraConfig), "LoraConfig")
     if wrong:
         return wrong
     try:
@@ -439,11 +460,55 @@ def _check_lora_args(cfg: Config) -> list[str]:
 
 
 def _scalar(text: str) -> Any:
-    """A flag's text as YAML reads it: 50 -> 50, true -> True, 1e-4 -> 0.0001, a,b stays text."""
+    """A flag's text as YAML reads it: 50 -> 50, true -> True, a,b stays text (1e-4 stays text too: YAML 1.1
+    wants a dot; a library field's type decides, in _library_value)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+INT_LIMIT = 2**63 - 1  # torch's and numpy's int64: larger counts overflow deep inside the libraries
+# A number as YAML 1.2, Python and a shell user write it. PyYAML reads YAML 1.1, where 5e-4 and 1E3 (no dot) are
+# strings; the seed's own config has learning_rate: 5e-4.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(value: Any) -> Any:
+    """An int or float for a number or a numeric string (inf, nan and words stay as they are)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return value
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if not _NUMBER.fullmatch(text):
+            return value
+        return float(text)
+    return value
+
+
+def _admits(hint: Any, kind: type) -> bool:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_admits(a, kind) for a in get_args(hint))
+    return hint is kind
+
+
+def _library_value(key: str, value: Any, hint: Any, owner: str) -> tuple[Any, str | None]:
+    """A passed-through library field's value typed by the library's hint (numbers written 5e-4 or 1e3 read as
+    numbers), or a problem naming the key: wrong type, not finite, too large. Hints this does not know pass."""
+    if isinstance(value, str) and not _admits(hint, str) and (_admits(hint, int) or _admits(hint, float)):
+        number = _number(value)
+        if isinstance(number, float) and not _admits(hint, float) and number.is_integer():
+            number = int(number)
+        value = number if isinstance(number, (int, float)) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return value, f"`{key}` = {_SHORT.repr(value)}: {owner} expects a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        return value, f"`{key}` = {_SHORT.repr(value)}: too large (at most {INT_LIMIT})"
+    if not _fits(value, hint):
+        return value, f"`{key}` = {_SHORT.repr(value)}: {owner} expects {_type_name(hint)}"
+    return value, None
 
 
 def _check_trainer_args(passthrough: dict[str, Any], cfg: Config, explicit: set[str]) -> list[str]:
@@ -457,6 +522,9 @@ def _check_trainer_args(passthrough: dict[str, Any], cfg: Config, explicit: set[
 
     from transformers import TrainingArguments
 
+    wrong = _type_library_values(passthrough, get_type_hints(TrainingArguments), "TrainingArguments")
+    if wrong:
+        return wrong
     ours = cfg.library_values(_TA) | {
         "eval_steps": cfg.save_steps if cfg.eval_strategy == "steps" else None}
     try:
@@ -550,60 +618,78 @@ def _check_optimizer(args, lr_scheduler_type: str) -> list[str]:
     return []
 
 
+_UPPER = {"max_length": 10_000_000, "max_new_tokens": 2**31 - 1, "per_device_train_batch_size": 65536,
+          "per_device_eval_batch_size": 65536, "gradient_accumulation_steps": 2**20, "max_input_chars": 10**9,
+          "image_min_pixels": 2**31, "image_max_pixels": 2**31, "max_queue": 10**6, "request_timeout": 10**7,
+          "max_request_mb": 10**6, "num_train_epochs": 10**6, "lora_alpha": 2**20, "vision_cache_mb": 2**30}
+
+
 def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     """Range and consistency problems; keys in `failed` already have a type error and are not checked again."""
     p: list[str] = []
 
-    def need(ok: bool, key: str, msg: str):
-        if not ok and key not in failed:
+    def need(ok, key: str, msg: str):
+        """`ok` is a callable, so a value of the wrong type (a library key before the library types it, in the
+        first parse) is skipped here: its conversion reports it."""
+        if key in failed:
+            return
+        try:
+            good = ok()
+        except TypeError:
+            return
+        if not good:
             p.append(f"`{key}` = {_SHORT.repr(getattr(cfg, key))}: {msg}")
 
     for key in ("lora_r", "lora_alpha", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "max_length", "max_new_tokens", "logging_steps", "save_steps",
                 "max_input_chars", "image_min_pixels", "image_max_pixels"):
-        need(getattr(cfg, key) > 0, key, "must be > 0")
-    need(0 <= cfg.port <= 65535, "port", "must be in 0 .. 65535")
+        need(lambda k=key: getattr(cfg, k) > 0, key, "must be > 0")
+    need(lambda: 0 <= cfg.port <= 65535, "port", "must be in 0 .. 65535")
     for key in ("max_queue", "request_timeout", "max_request_mb"):
-        need(getattr(cfg, key) > 0, key, "must be > 0")
-    need(cfg.image_folder is None or Path(cfg.image_folder).is_dir(), "image_folder", "is not a folder; name an "
-         "existing folder or null")
-    need(cfg.learning_rate > 0, "learning_rate", "must be > 0 (LoRA usually 1e-4 to 1e-3)")
-    need(cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
-    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-    need(cfg.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
-    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
-    need(cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 = off)")
-    need(0 < cfg.validation_split < 1, "validation_split", "must be in (0, 1)")
-    need(0 < cfg.augmentation_p <= 1, "augmentation_p", "must be in (0, 1]")
-    need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
-    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-    need(cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
-    need(cfg.vision_cache_mb >= 0, "vision_cache_mb", "must be >= 0 (0 turns the cache off)")
-    need(cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
-    need(cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
-    need(cfg.early_stopping_patience is None or cfg.early_stopping_patience > 0, "early_stopping_patience",
+        need(lambda k=key: getattr(cfg, k) > 0, key, "must be > 0")
+    need(lambda: cfg.image_folder is None or Path(cfg.image_folder).is_dir(), "image_folder",
+         "is not a folder; name an existing folder or null")
+    need(lambda: cfg.learning_rate > 0, "learning_rate", "must be > 0 (LoRA usually 1e-4 to 1e-3)")
+    need(lambda: cfg.num_train_epochs > 0, "num_train_epochs", "must be > 0")
+    need(lambda: 0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(lambda: cfg.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+    need(lambda: 0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(lambda: cfg.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1.0 = off)")
+    need(lambda: 0 < cfg.validation_split < 1, "validation_split", "must be in (0, 1)")
+    need(lambda: 0 < cfg.augmentation_p <= 1, "augmentation_p", "must be in (0, 1]")
+    need(lambda: 0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(lambda: cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(lambda: cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(lambda: cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
+    need(lambda: cfg.vision_cache_mb >= 0, "vision_cache_mb", "must be >= 0 (0 turns the cache off)")
+    need(lambda: cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
+    need(lambda: cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
+    need(lambda: cfg.early_stopping_patience is None or cfg.early_stopping_patience > 0, "early_stopping_patience",
          "must be > 0 or null")
-    need(cfg.early_stopping_patience is None or (cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy),
+    need(lambda: cfg.early_stopping_patience is None
+         or (cfg.eval_strategy != "no" and cfg.eval_strategy == cfg.save_strategy),
          "early_stopping_patience", "needs eval_strategy and save_strategy set alike (epoch or steps), not no")
-    need(not cfg.early_stopping_patience or cfg.trainer_args.get("load_best_model_at_end") is not False,
+    need(lambda: not cfg.early_stopping_patience or cfg.trainer_args.get("load_best_model_at_end") is not False,
          "early_stopping_patience", "keeps the best checkpoint as the adapter; drop load_best_model_at_end: false "
          "(or pass --load_best_model_at_end true)")
-    need(bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
-    need(0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
-    need(cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
-    need(cfg.max_length <= 10_000_000, "max_length", "must be <= 10000000")
-    need(not Path(cfg.output_dir).is_file(), "output_dir", "is an existing file; name a folder")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
+    need(lambda: bool(cfg.target_modules), "target_modules", "name at least one module, or all-linear")
+    need(lambda: 0 <= cfg.seed < 2**32, "seed", "must be in 0 .. 4294967295")
+    need(lambda: cfg.lora_r <= 4096, "lora_r", "must be <= 4096 (LoRA ranks are usually 4 to 64)")
+    # Past these a run fails deep inside a library (allocation sizes, timer overflow), not with a message.
+    for key, most in _UPPER.items():
+        need(lambda k=key, m=most: getattr(cfg, k) <= m, key, f"must be <= {most:g}")
+    need(lambda: not Path(cfg.output_dir).is_file(), "output_dir", "is an existing file; name a folder")
+    need(lambda: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device",
          "use auto, cpu, cuda or cuda:N")
     model_dir, run_dir = Path(cfg.model_name_or_path).expanduser().resolve(), cfg.run_dir.expanduser().resolve()
-    need(model_dir != run_dir, "output_dir",
+    need(lambda: model_dir != run_dir, "output_dir",
          f"outputs would go to {cfg.run_dir}, the model folder itself; use another folder, e.g. ./output")
     # No task writes into the base model's folder, nor replaces a run folder's output the model is loaded from.
-    need(model_dir == run_dir or not (run_dir.is_relative_to(model_dir) and (model_dir / "config.json").is_file()),
+    need(lambda: model_dir == run_dir
+         or not (run_dir.is_relative_to(model_dir) and (model_dir / "config.json").is_file()),
          "output_dir",
          f"outputs would go to {cfg.run_dir}, inside the model folder {cfg.model_name_or_path}; use another folder")
-    need(model_dir == run_dir or not model_dir.is_relative_to(run_dir), "model_name_or_path",
+    need(lambda: model_dir == run_dir or not model_dir.is_relative_to(run_dir), "model_name_or_path",
          f"{cfg.model_name_or_path} is inside the run folder {cfg.run_dir}, which this run writes; copy the model "
          "elsewhere or use another output_dir")
     return p
