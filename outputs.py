@@ -157,55 +157,75 @@ def remove_stale_temporaries(run_dir: Path, of: str | None = None) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _try_lock(fd: int) -> bool:
+    """An exclusive advisory lock on the open file, without waiting; the kernel drops it when the process ends,
+    however it ends (kill -9 included)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        owner = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 @contextmanager
 def run_lock(run_dir: Path, what: str):
-    """One run per run folder: an exclusive lock file with the PID and host; a lock whose process is gone
-    (same host) is stale and taken over. Raises UserError naming the run that holds it."""
-    # Not the `filelock` package: its lock records no holder, and this refusal must name the run that holds the
-    # folder (task, PID, host, start time) and tell a dead holder from a live one across hosts sharing a disk.
+    """One run per run folder: `.lock` held with flock for the run's life, holding the PID, host, task and start
+    time. The kernel releases it when its process dies, so a lock left by a killed run is free and two processes
+    can never both hold it. Raises UserError naming the run that holds it."""
+    # Not the `filelock` package: its lock file records no holder, and this refusal names the run that holds the
+    # folder (task, PID, host, start time).
     from config import UserError
 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
     me = {"pid": os.getpid(), "host": socket.gethostname(), "task": what,
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
-        except FileExistsError:
-            try:
-                owner = json.loads(lock.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                owner = {}
-            pid = owner.get("pid")
-            if owner.get("host") == me["host"] and isinstance(pid, int) and not _alive(pid):
-                logger.warning("%s was left by process %d, which has ended; taking it over", lock, pid)
-                lock.unlink(missing_ok=True)
-                continue
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        if not _try_lock(fd):
+            owner = _read_owner(fd)
+            os.close(fd)
             raise UserError(f"{run_dir} is in use by another run ({owner.get('task', '?')}, process "
-                            f"{pid or '?'} on {owner.get('host', '?')}, started {owner.get('started', '?')}). Wait "
-                            f"for it, use another --output_dir, or delete {lock} if that run is gone") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        break
+                            f"{owner.get('pid', '?')} on {owner.get('host', '?')}, started "
+                            f"{owner.get('started', '?')}). Wait for it, or use another --output_dir")
+        try:  # a holder that released between our open and our lock has unlinked that file: open the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    left = _read_owner(fd)
+    if left.get("pid") not in (None, me["pid"]):
+        logger.warning("%s was left by process %s, which has ended (%s); taking it over", lock, left.get("pid"),
+                       left.get("task", "?"))
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(me).encode("utf-8"))
     try:
         yield
     finally:
-        try:
-            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == me["pid"]:
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
+        lock.unlink(missing_ok=True)  # while still held: a waiting process then sees a new file, not this one
+        os.close(fd)
 
 
 def reset_peak_memory() -> None:
