@@ -62,10 +62,14 @@ def _export_gguf(cfg: Config) -> int:
             processor = load_processor(cfg, str(base), "inference")
         else:
             merged = merged_dir(cfg)
-            adapter_time = max(f.stat().st_mtime for f in cfg.lora_dir.iterdir() if f.is_file())
-            if (merged / MANIFEST).is_file() and (merged / MANIFEST).stat().st_mtime >= adapter_time:
-                logger.info("converting the merged model %s (written after the adapter; --task export "
-                            "--export_format hf writes it again)", merged)
+            wanted = gguf_merge_dtype(cfg.gguf_type)
+            if cfg.export_dtype != wanted and "export_dtype" in cfg.cli_keys:
+                logger.info("export_dtype %s is for --export_format hf: a %s GGUF is converted from a %s merge",
+                            cfg.export_dtype, cfg.gguf_type, wanted)
+            cfg.export_dtype = wanted
+            if reusable_merge(cfg, merged):
+                logger.info("converting the merged model %s (%s, written after the adapter; --task export "
+                            "--export_format hf writes it again)", merged, wanted)
                 processor = load_processor(cfg, str(merged), "inference")
             else:
                 refuse_foreign(merged)
@@ -75,6 +79,37 @@ def _export_gguf(cfg: Config) -> int:
     for command in gguf_export.serve_commands(cfg, files, processor):
         logger.info("serve it: %s", command)
     return 0
+
+
+def gguf_merge_dtype(gguf_type: str) -> str:
+    """The dtype of the merge a GGUF type is converted from: at least as precise as the GGUF itself (a bfloat16
+    merge converted to f16 or f32 has already lost mantissa bits). Quantized types start from f16 (q8_0 too:
+    its scales are f16)."""
+    return {"f32": "float32", "bf16": "bfloat16"}.get(gguf_type, "float16")
+
+
+def reusable_merge(cfg: Config, merged: Path) -> bool:
+    """Whether merged/ is this tool's merge of the current adapter at cfg.export_dtype (written after the
+    adapter); one at another dtype is said and merged again, never converted silently."""
+    adapter_time = max(f.stat().st_mtime for f in cfg.lora_dir.iterdir() if f.is_file())
+    if not (merged / MANIFEST).is_file() or (merged / MANIFEST).stat().st_mtime < adapter_time:
+        return False
+    found = merged_dtype(merged)
+    if found != cfg.export_dtype:
+        logger.info("%s holds %s weights; a %s GGUF is converted from a %s merge: merging again", merged, found,
+                    cfg.gguf_type, cfg.export_dtype)
+        return False
+    return True
+
+
+def merged_dtype(merged: Path) -> str | None:
+    """The dtype a merged/ folder's weights were saved in (its config.json), None when unknown."""
+    try:
+        config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return str(dtype).removeprefix("torch.") if dtype else None
 
 
 def merge(cfg: Config):
@@ -87,6 +122,12 @@ def merge(cfg: Config):
     warn_for_vllm(cfg)
     started = time.time()
     cfg.inference_quantization_bit = None  # merge into real weights, never into dequantized 4/8-bit ones
+    if cfg.export_dtype in ("float32", "float16") and cfg.dtype != "float32":
+        # Merged in bfloat16 (a GPU's auto dtype), the sum would keep 8 mantissa bits whatever it is saved as.
+        if cfg.dtype != "auto":
+            logger.info("merging in float32, then saving %s: a %s merge would be less precise than the export",
+                        cfg.export_dtype, cfg.dtype)
+        cfg.dtype = "float32"
     model, processor = load_base(cfg, "inference")
     model = load_adapter(model, cfg).merge_and_unload()
     dtype = getattr(torch, cfg.export_dtype)
