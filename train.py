@@ -50,7 +50,7 @@ from outputs import (
 )
 from packing import PackedCollator, has_multimodal_rope, keeps_samples_apart, rope_positions_for_packed_rows
 from sampling import LengthGroupedSampler, WeightedSampler, balance, use_grouping
-from vision_tower import cache_vision_features, normalise_pixels_on_model
+from vision_tower import cache_vision_features, machine_processes, normalise_pixels_on_model
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,10 @@ def _datasets(state: _Run, model, examples: dict):
     state.features = features = cache_vision_features(model, cfg.vision_cache_mb)
     if features is not None:
         logger.info("vision tower frozen: each image's features are kept after its first pass (up to "
-                    "vision_cache_mb=%d MB of host memory), so later epochs skip the tower%s", cfg.vision_cache_mb,
-                    " for validation images (augmented training images change every epoch)" if transform else
-                    " and the image decoding")
+                    "vision_cache_mb=%d MB of this machine's host memory, %d MB for each of its %d training "
+                    "processes), so later epochs skip the tower%s", cfg.vision_cache_mb, features.budget // 2**20,
+                    machine_processes(), " for validation images (augmented training images change every epoch)"
+                    if transform else " and the image decoding")
     with args.main_process_first(local=False, desc="tokenisation cache"):  # built once, then read by the others
         train_ds = build_dataset(Encoder(processor, cfg, transform, raw) if transform else encoder, train_examples,
                                  cache, "train", features=None if transform else features)
@@ -142,7 +143,8 @@ def _datasets(state: _Run, model, examples: dict):
     train_ds.weights = weights
     if not len(train_ds):
         raise UserError(f"every training sample is longer than max_length={cfg.max_length}; raise max_length")
-    state.packing = _use_packing(cfg, model)
+    batch = cfg.per_device_train_batch_size
+    state.packing = _use_packing(cfg, model, packed_row=sum(sorted(train_ds.lengths)[-batch:]))
     if weights is None and not state.packing and use_grouping(cfg.group_by_length, train_ds.lengths,
                                                             cfg.per_device_train_batch_size):
         args.train_sampling_strategy = "group_by_length"
@@ -339,10 +341,18 @@ class _ProgressLog(TrainerCallback):
             logger.info("epoch %.2f step %d: eval_loss %.4f", state.epoch or 0, state.global_step, metrics["eval_loss"])
 
 
-def _use_packing(cfg: Config, model) -> bool:
+# On a GPU, SDPA and eager attend over a packed row through a dense block-diagonal mask, (batch x length)^2;
+# FlashAttention-2's varlen kernels need none. Up to this many tokens a row's mask stays small (a 4096-token
+# row: 16 MB as booleans), and `packing: auto` packs on a GPU without FlashAttention-2 only up to it.
+DENSE_MASK_TOKENS = 4096
+
+
+def _use_packing(cfg: Config, model, packed_row: int | None = None) -> bool:
     """`packing: true` after the measured isolation check (packing.py); `auto` packs where that check passes,
     unless `group_by_length: true` asks for length grouping (faster on SDPA/eager, but it reweights the tokens:
-    BENCHMARKS.md). VLMs need multimodal rope positions to pack, and `auto` packs them on FlashAttention-2 only."""
+    BENCHMARKS.md). VLMs need multimodal rope positions to pack, and `auto` packs them on FlashAttention-2 only.
+    On CUDA `auto` packs on SDPA/eager only where the longest packed row (`packed_row` tokens: the batch's
+    longest samples together; None: unknown) stays within DENSE_MASK_TOKENS."""
     if cfg.packing == "false":
         return False
     if cfg.packing == "auto" and cfg.group_by_length == "true":
@@ -351,6 +361,13 @@ def _use_packing(cfg: Config, model) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     backend = cfg.attn_implementation or getattr(model.config, "_attn_implementation", None) or "default"
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if (cfg.packing == "auto" and on_gpu and backend != "flash_attention_2"
+            and (packed_row is None or packed_row > DENSE_MASK_TOKENS)):
+        logger.info("packing auto: on a GPU with %s attention a packed row of up to %s tokens would need a dense "
+                    "mask of its length squared: padded batches (flash_attention_2 packs without one; packing: "
+                    "true packs anyway)", backend, packed_row or "?")
+        return False
     if cfg.model_type == "vlm":
         if not has_multimodal_rope(model):
             if cfg.packing == "true":

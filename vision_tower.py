@@ -9,6 +9,7 @@ Used by:
 
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -157,11 +158,21 @@ class FeatureCache:
         """Entries live in 64 MB slabs, not in tensors of their own: small long-lived blocks scattered between a
         training step's large short-lived ones would make the heap grow, and each step page-fault, all epoch."""
         if self.slab is None or self.offset + size > len(self.slab):
-            pin = torch.cuda.is_available()  # pinned pages copy to the GPU without a staging copy
-            self.slab, self.offset = torch.empty(max(self.SLAB, size), dtype=torch.uint8, pin_memory=pin), 0
+            # Pageable, not pinned: pinned pages are taken from the whole machine (every DDP rank would pin its
+            # own budget) and a step copies only its own images' features to the GPU.
+            self.slab, self.offset = torch.empty(max(self.SLAB, size), dtype=torch.uint8), 0
         view = self.slab[self.offset:self.offset + size]
         self.offset += size
         return view
+
+
+def machine_processes() -> int:
+    """Training processes on this machine (torchrun and accelerate set LOCAL_WORLD_SIZE): vision_cache_mb is the
+    machine's budget, shared by them."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def image_key(path: str) -> int:
@@ -188,7 +199,7 @@ def cache_vision_features(model, budget_mb: int) -> FeatureCache | None:
         return None
     if "mm_encoder_outputs" not in inspect.signature(body.forward).parameters:
         return None
-    cache = FeatureCache(budget_mb)
+    cache = FeatureCache(budget_mb // machine_processes())
 
     def lookup(module, args, kwargs):
         keys, omitted = kwargs.pop("image_keys", None), kwargs.pop("image_omitted", None)
