@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from generation import ContextError, Engine, Row
+from generation import Engine, Row
 
 logger = logging.getLogger(__name__)
 _unique = itertools.count()
@@ -50,6 +50,10 @@ class Job:
         self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_result(self))
 
 
+class ThreadStopped(RuntimeError):
+    """The generation thread has stopped: requests still waiting are answered with it (503)."""
+
+
 class Scheduler:
     """Owns the model: every generate() runs on its thread, one batch at a time."""
 
@@ -60,6 +64,7 @@ class Scheduler:
         self.running = 0
         self.stopping = False
         self.batches = self.served = self.cancelled = 0  # counters for /health
+        self.failure: str | None = None  # why the generation thread stopped, if it ever does
         self.thread = threading.Thread(target=self._loop, name="generation", daemon=True)
 
     def start(self) -> None:
@@ -71,10 +76,15 @@ class Scheduler:
             self.cond.notify_all()
         self.thread.join(timeout=30)
 
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and self.thread.is_alive()
+
     def submit(self, job: Job) -> bool:
-        """Queue the job; False when the queue is full (the caller answers 503)."""
+        """Queue the job; False when the queue is full or the generation thread has stopped (the caller answers
+        503)."""
         with self.cond:
-            if self.stopping or len(self.pending) >= self.max_queue:
+            if self.stopping or not self.healthy or len(self.pending) >= self.max_queue:
                 return False
             self.pending.append(job)
             self.cond.notify()
@@ -94,15 +104,33 @@ class Scheduler:
             return batch
 
     def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            try:
-                self._run(batch)
-            finally:
-                self.running = 0
-                self.served += len(batch)
-                self.cancelled += sum(j.row.finish_reason == "cancelled" for j in batch)
-                for job in batch:
-                    job.resolve()
+        """Batches until stopped. Whatever one batch raises answers its requests, and the thread goes on; should
+        the thread end anyway, /health says so and every waiting request is answered."""
+        try:
+            while (batch := self._take()) is not None:
+                try:
+                    self._run(batch)
+                except Exception as e:  # noqa: BLE001 - a bug in one batch must not stop the server
+                    logger.exception("a batch of %d failed", len(batch))
+                    for job in batch:
+                        job.error = job.error or e
+                finally:
+                    self.running = 0
+                    self.served += len(batch)
+                    self.cancelled += sum(j.row.finish_reason == "cancelled" for j in batch)
+                    for job in batch:
+                        job.resolve()
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"[:300]
+            logger.critical("the generation thread stopped: %s", self.failure)
+            raise
+        finally:
+            with self.cond:
+                self.failure = self.failure or ("stopped" if self.stopping else "ended")
+                left, self.pending = list(self.pending), deque()
+            for job in left:
+                job.error = ThreadStopped(self.failure)
+                job.resolve()
 
     def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()
@@ -113,11 +141,7 @@ class Scheduler:
             elif now > job.row.deadline:
                 job.row.finish_reason = "timeout"
             else:
-                try:
-                    self.engine.fit_context(job.row, job.explicit_max_tokens)
-                    live.append(job)
-                except ContextError as e:
-                    job.error = e
+                live.append(job)
         if not live:
             return
         first = live[0]

@@ -518,11 +518,18 @@ def load_image(path: str):
     from PIL import Image
 
     with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-            import numpy as np
+        return to_rgb(im)
 
-            arr = np.asarray(im, dtype=np.float64)
-            top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() <= 65535) else arr.max()
-            arr = np.clip(arr / max(top, 1e-12) * 255.0, 0, 255).astype(np.uint8)
-            return Image.fromarray(arr, mode="L").convert("RGB")
-        return im.convert("RGB")
+
+def to_rgb(im):
+    """An open PIL image decoded (once) into RGB, high bit depths scaled as load_image says."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() <= 65535) else arr.max()
+        arr = np.clip(arr / max(top, 1e-12) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return im.convert("RGB")

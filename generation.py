@@ -13,6 +13,7 @@ computation, so an answer served over HTTP is the answer `--task inference` writ
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -116,15 +117,16 @@ def vlm_constraint(model, processor, cfg: Config, label_map: dict | None):
 
 
 def annotate_vlm(model, processor, examples: list[Example], answers: list[str], cfg: Config, system: str | None,
-                 label_map: dict, images: list) -> list[dict]:
-    """Per answer (with its decoded image): the parsed JSON (its confidence replaced unless keep_model_confidence),
-    field_confidence, confidence, and each field's distribution over its allowed values."""
+                 label_map: dict, images: list, encoded: list | None = None) -> list[dict]:
+    """Per answer (with its decoded image, or its prompt already `encoded` alone): the parsed JSON (its confidence
+    replaced unless keep_model_confidence), field_confidence, confidence, and each field's distribution over its
+    allowed values."""
     out = []
     for k, (e, answer) in enumerate(zip(examples, answers)):
         parsed = parse_json(answer)
         dists = {}
         if parsed is not None:
-            inputs = encode_prompts(processor, [e], system, [images[k]])
+            inputs = encoded[k] if encoded else encode_prompts(processor, [e], system, [images[k]])
             dists = field_confidences(model, processor, inputs, answer, label_map)
         out.append({"parsed": parsed, "distributions": dists,
                     **with_confidence(parsed, dists, cfg.keep_model_confidence)})
@@ -182,6 +184,7 @@ class Row:
     deadline: float = float("inf")      # time.monotonic() after which generation stops
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    inputs: dict | None = None          # the prompt encoded alone (Engine.encode_row), batch 1
     # filled in by generate_rows
     text: str = ""
     finish_reason: str | None = None    # stop, length, cancelled, timeout
@@ -271,6 +274,22 @@ class GrammarProcessor:
         return scores
 
 
+def collate_encoded(encoded: list[dict], pad_id: int) -> dict:
+    """One left-padded batch from prompts encoded alone (batch 1 each): per-token tensors padded on the left
+    (input_ids with `pad_id`, masks and token types with 0), the rest (pixel patches, image grids) concatenated
+    in order, as the processor lays out a batch."""
+    width = max(e["input_ids"].shape[1] for e in encoded)
+    batch = {}
+    for key in encoded[0]:
+        parts = [e[key] for e in encoded]
+        if torch.is_tensor(parts[0]) and parts[0].dim() == 2 and parts[0].shape[:2] == encoded[0]["input_ids"].shape:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts])
+        elif torch.is_tensor(parts[0]):
+            batch[key] = torch.cat(parts)
+    return batch
+
+
 class ContextError(ValueError):
     """A prompt (with its max_tokens) longer than the model's context."""
 
@@ -287,6 +306,11 @@ class Engine:
         self.label_constraint = vlm_constraint(model, processor, cfg, label_map)
         self.context = context_length(model)
         self._compiler = None
+        # Requests are encoded on their own threads, never on the generation thread: with a processor of their
+        # own (a fast tokenizer is not safe to share between threads) and one at a time.
+        self._request_processor = copy.deepcopy(processor)
+        self._encoding = threading.Lock()
+        self._compiling = threading.Lock()
 
     @property
     def has_adapter(self) -> bool:
@@ -298,21 +322,26 @@ class Engine:
 
         import xgrammar as xgr
 
-        if self._compiler is None:
-            vocab = self.model.get_output_embeddings().weight.shape[0]
-            self._compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=vocab))
-        if schema is None:
-            return self._compiler.compile_builtin_json_grammar()
-        return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(", ", ": "))
+        with self._compiling:  # requests compile on their own threads
+            if self._compiler is None:
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                self._compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(self.tok, vocab_size=vocab))
+            if schema is None:
+                return self._compiler.compile_builtin_json_grammar()
+            return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
+                                                      separators=(", ", ": "))
 
-    def fit_context(self, row: Row, explicit: bool) -> None:
-        """Bound row.max_tokens by the context left after its prompt; ContextError when an explicit max_tokens
-        (or the prompt alone) does not fit."""
+    def encode_row(self, row: Row, explicit: bool) -> None:
+        """Encode the row's prompt (and images) once, into row.inputs, on the caller's thread, and bound
+        row.max_tokens by the context left after it; ContextError when an explicit max_tokens (or the prompt
+        alone) does not fit. The decoded images are let go: the patches are what generation needs."""
+        with self._encoding:
+            row.inputs = dict(encode_prompts(self._request_processor, [row.example], self.system,
+                                             [row.images] if row.images is not None else None))
+        row.prompt_tokens = used = int(row.inputs["input_ids"].shape[1])
+        row.images = None
         if self.context is None:
             return
-        inputs = encode_prompts(self.processor, [row.example], self.system,
-                                [row.images] if row.images is not None else None)
-        used = int(inputs["input_ids"].shape[1])
         room = self.context - used
         if room < 1 or (explicit and row.max_tokens > room):
             raise ContextError(f"this model's context is {self.context} tokens; the messages use {used}"
@@ -323,13 +352,15 @@ class Engine:
     @torch.inference_mode()
     def generate_rows(self, rows: list[Row], temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                       adapter: bool = True) -> None:
-        """Answer `rows` together (same sampling settings, same adapter state); each row ends on its own."""
-        images = [r.images for r in rows] if rows[0].images is not None else None
-        inputs = encode_prompts(self.processor, [r.example for r in rows], self.system, images)
-        inputs = inputs.to(model_device(self.model))
+        """Answer `rows` together (same sampling settings, same adapter state); each row ends on its own. Rows
+        come encoded (encode_row); their batch is only padded here."""
+        for r in rows:
+            if r.inputs is None:
+                self.encode_row(r, explicit=False)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.base_kwargs["pad_token_id"]
+        device = model_device(self.model)
+        inputs = {k: v.to(device) for k, v in collate_encoded([r.inputs for r in rows], pad).items()}
         prompt_len = inputs["input_ids"].shape[1]
-        for i, r in enumerate(rows):
-            r.prompt_tokens = int(inputs["attention_mask"][i].sum())
         control = _RowControl(rows, prompt_len, self.tok, self.eos)
         kwargs = {**self.base_kwargs, **sampling_kwargs(temperature, top_p),
                   "max_new_tokens": max(r.max_tokens for r in rows), "stopping_criteria": [control]}
@@ -353,4 +384,4 @@ class Engine:
         """parsed, field_confidence and confidence of a VLM row's answer: annotate_vlm, as evaluate computes them."""
         with self._adapter(adapter):
             return annotate_vlm(self.model, self.processor, [row.example], [row.text], self.cfg, self.system,
-                                self.label_map, [row.images])[0]
+                                self.label_map, [None], encoded=[row.inputs])[0]

@@ -22,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from data_loading import MAX_ASPECT_RATIO, Example
 
 MAX_IMAGES = 8  # per request; training saw one
+MAX_MESSAGES = 2048  # per request, as OpenAI's API allows
+
+
+def pixel_bound(image_max_pixels: int) -> int:
+    """The most pixels the server decodes for one request (all its images together): 64x what the processor
+    keeps of an image (it scales larger ones down), at least 16 megapixels. A 26 KB PNG can declare 13000x13000
+    pixels (500 MB decoded): its header is read and refused before any decoding."""
+    return max(64 * image_max_pixels, 16 * 2**20)
 
 
 class ApiError(Exception):
@@ -77,11 +85,11 @@ class StreamOptions(_Strict):
 class ChatRequest(_Strict):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch.manual_seed's range
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=1)
     stream: bool = False
@@ -117,6 +125,8 @@ def parse_request(body) -> ChatRequest:
         if js is None or not isinstance(js.schema_, dict):
             raise ApiError(400, "response_format json_schema needs json_schema.schema (a JSON schema object)",
                            param="response_format")
+    if len(req.messages) > MAX_MESSAGES:
+        raise ApiError(400, f"{len(req.messages)} messages: at most {MAX_MESSAGES} per request", param="messages")
     if req.messages[-1].role != "user":
         raise ApiError(400, "the last message must be the user's (the model answers it)", param="messages")
     return req
@@ -124,11 +134,12 @@ def parse_request(body) -> ChatRequest:
 
 # ----------------------------------------------------------------------------------------------------
 # messages -> Example
-def _decode_image(url: str, image_folder: Path | None, where: str):
-    """A PIL image from a data: URL (or, when the operator allowed a folder, a path inside it)."""
+def _decode_image(url: str, image_folder: Path | None, where: str, budget: list[int]):
+    """A PIL image from a data: URL (or, when the operator allowed a folder, a path inside it), decoded once,
+    after its header's size is checked against what is left of the request's pixel budget (`budget[0]`)."""
     from PIL import Image
 
-    from data_loading import load_image
+    from data_loading import to_rgb
 
     if url.startswith("data:"):
         head, _, payload = url.partition(",")
@@ -151,25 +162,38 @@ def _decode_image(url: str, image_folder: Path | None, where: str):
             raise ApiError(400, f"{where}: not an image file inside the allowed folder {image_folder}", param=where)
         source = path
     try:
-        with Image.open(source) as im:
-            im.load()
+        with Image.open(source) as im:  # reads the header only
             w, h = im.size
-        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-            raise ApiError(400, f"{where}: {w}x{h} pixels is more elongated than {MAX_ASPECT_RATIO}:1", param=where)
-        if hasattr(source, "seek"):
-            source.seek(0)
-        return load_image(source)
+            if w * h > budget[0]:
+                raise ApiError(400, f"{where}: {w}x{h} pixels is more than this request may decode ({budget[0]} "
+                               "pixels left of its bound); send a smaller image", param=where,
+                               code="image_too_large")
+            if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                raise ApiError(400, f"{where}: {w}x{h} pixels is more elongated than {MAX_ASPECT_RATIO}:1",
+                               param=where)
+            budget[0] -= w * h
+            return to_rgb(im)
     except ApiError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own check (serve sets it at the bound) fires on open
+        raise ApiError(400, f"{where}: {e}; send a smaller image", param=where, code="image_too_large") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for data that is not an image
         raise ApiError(400, f"{where}: not a readable image ({type(e).__name__}: {str(e)[:120]})",
                        param=where) from None
 
 
-def to_example(req: ChatRequest, vlm: bool, instruction: str | None, image_folder: Path | None):
+def _image_parts(req: ChatRequest) -> int:
+    return sum(1 for m in req.messages if isinstance(m.content, list) for p in m.content if p.type == "image_url")
+
+
+def to_example(req: ChatRequest, vlm: bool, instruction: str | None, image_folder: Path | None,
+               max_pixels: int = 16 * 2**20):
     """(Example, images) for a request, rendered as training rendered its samples: a lone user turn (with its
-    image) becomes exactly the sample evaluate builds; with no system message the run's own is used."""
-    turns, images, system = [], [], None
+    image) becomes exactly the sample evaluate builds; with no system message the run's own is used. Images are
+    counted before any is decoded, and decoded within `max_pixels` for the whole request."""
+    if _image_parts(req) > MAX_IMAGES:
+        raise ApiError(400, f"{_image_parts(req)} images: at most {MAX_IMAGES} per request", param="messages")
+    turns, images, system, budget = [], [], None, [max_pixels]
     for i, m in enumerate(req.messages):
         parts = [] if m.content is None else \
             [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
@@ -188,7 +212,7 @@ def to_example(req: ChatRequest, vlm: bool, instruction: str | None, image_folde
                 raise ApiError(400, f"{where}: images go in user messages", param=where)
             if part.get("image_url") is None:
                 raise ApiError(400, f"{where}: an image_url part needs image_url.url", param=where)
-            turn_images.append(_decode_image(part["image_url"]["url"], image_folder, where))
+            turn_images.append(_decode_image(part["image_url"]["url"], image_folder, where, budget))
         text = "\n".join(text_parts)
         role = "system" if m.role == "developer" else m.role
         if role == "system":
@@ -201,8 +225,6 @@ def to_example(req: ChatRequest, vlm: bool, instruction: str | None, image_folde
                            param="messages")
         turns.append({"role": role, "text": text, "images": turn_images})
         images += turn_images
-    if len(images) > MAX_IMAGES:
-        raise ApiError(400, f"at most {MAX_IMAGES} images per request", param="messages")
     if vlm and not images:
         raise ApiError(400, "this model answers images: add a user content part {\"type\": \"image_url\", "
                        "\"image_url\": {\"url\": \"data:image/png;base64,...\"}}", param="messages")

@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,14 +32,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import AppStatus, EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from batching import Job, Scheduler
+from batching import Job, Scheduler, ThreadStopped
 from config import Config, UserError
 from data_loading import system_prompt
 from generation import ContextError, Engine, Row, vlm_label_map
 from model_config import adopt_training_settings, load_for_inference
-from openai_api import ApiError, ChatRequest, chunk, completion, completion_id, parse_request, to_example
-from structured import label_schema
+from openai_api import ApiError, ChatRequest, chunk, completion, completion_id, parse_request, pixel_bound, to_example
+from structured import json_span, label_schema
 
 logger = logging.getLogger(__name__)
 WEB = Path(__file__).resolve().parent / "web"
@@ -91,57 +94,77 @@ class Service:
         self.base_name = f"{cfg.model_name}-base"
         self.tuned_name = None if cfg.use_original_model else cfg.model_name
         self.image_folder = Path(cfg.image_folder) if cfg.image_folder else None
+        self.max_pixels = pixel_bound(cfg.image_max_pixels)
         self._schemas: OrderedDict[str, object] = OrderedDict()  # compiled grammars, least recently used last
+        self._schemas_lock = threading.Lock()  # requests are prepared on threads of their own
 
     def model_names(self) -> list[str]:
         return [n for n in (self.tuned_name, self.base_name) if n]
 
     def _grammar(self, schema: dict | None):
         key = json.dumps(schema, sort_keys=True)
-        if key not in self._schemas:
-            try:
-                self._schemas[key] = self.engine.compile_schema(schema)
-            except Exception as e:  # noqa: BLE001 - xgrammar's message says what it cannot compile
-                raise ApiError(400, f"response_format: the JSON schema does not compile: {str(e)[:200]}",
-                               param="response_format") from None
+        with self._schemas_lock:
+            if key in self._schemas:
+                self._schemas.move_to_end(key)
+                return self._schemas[key]
+        try:
+            compiled = self.engine.compile_schema(schema)
+        except Exception as e:  # noqa: BLE001 - xgrammar's message says what it cannot compile
+            raise ApiError(400, f"response_format: the JSON schema does not compile: {str(e)[:200]}",
+                           param="response_format") from None
+        with self._schemas_lock:
+            self._schemas[key] = compiled
             while len(self._schemas) > 32:
                 self._schemas.popitem(last=False)
-        self._schemas.move_to_end(key)
-        return self._schemas[key]
+        return compiled
 
     def constraint(self, req: ChatRequest):
-        """(compiled grammar or None, whether the label map's confidences apply)."""
+        """(compiled grammar or None, whether the label map's confidences apply): a VLM request without a
+        response_format, or with the label map's own schema, gets the label-map answer and its confidences;
+        text, json_object and other schemas are answered as asked (streamed as they are generated)."""
         fmt = req.response_format
         if fmt is None:
             if self.vlm and self.engine.label_constraint is not None:
                 return self.engine.label_constraint.compiled, True
-            return None, self.vlm
+            return None, self.vlm and self.engine.label_map is not None
         if fmt.type == "text":
-            return None, self.vlm
+            return None, False
         if fmt.type == "json_object":
-            return self._grammar(None), self.vlm
+            return self._grammar(None), False
         schema = fmt.json_schema.schema_
         is_label = self.vlm and self.engine.label_map is not None and schema == label_schema(self.engine.label_map)
-        return self._grammar(schema), is_label or self.vlm
+        return self._grammar(schema), is_label
 
     def job(self, req: ChatRequest, loop) -> tuple[Job, str]:
+        """The request as a job, its images decoded and its prompt encoded here (a request thread), once."""
         model = req.model or self.model_names()[0]
         if model not in self.model_names():
             raise ApiError(404, f"the model `{model}` does not exist; this server has: "
                            f"{', '.join(self.model_names())}", param="model", code="model_not_found")
-        example, images = to_example(req, self.vlm, self.cfg.instruction, self.image_folder)
+        example, images = to_example(req, self.vlm, self.cfg.instruction, self.image_folder, self.max_pixels)
         grammar, confidences = self.constraint(req)
         asked = req.max_completion_tokens or req.max_tokens
         row = Row(example=example, images=images, max_tokens=asked or self.cfg.max_new_tokens, stop=req.stop,
                   constraint=grammar, deadline=time.monotonic() + self.cfg.request_timeout)
+        try:
+            self.engine.encode_row(row, explicit=asked is not None)
+        except ContextError as e:
+            raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+        except Exception as e:  # noqa: BLE001 - a chat template or processor refusing these messages
+            logger.warning("a request's messages could not be encoded: %s: %s", type(e).__name__, str(e)[:300])
+            raise ApiError(400, f"the messages could not be encoded for this model ({type(e).__name__}: "
+                           f"{str(e)[:200]})", param="messages") from None
         temperature = self.cfg.temperature if req.temperature is None else req.temperature
         top_p = self.cfg.top_p if req.top_p is None else req.top_p
         job = Job(row=row, temperature=temperature, top_p=top_p, seed=req.seed, adapter=model == self.tuned_name,
-                  confidences=confidences and self.vlm, explicit_max_tokens=asked is not None, loop=loop,
+                  confidences=confidences, explicit_max_tokens=asked is not None, loop=loop,
                   future=loop.create_future())
         return job, model
 
     def submit(self, job: Job) -> None:
+        if not self.scheduler.healthy:
+            raise ApiError(503, f"the generation thread has stopped ({self.scheduler.failure}); restart the server",
+                           kind="server_error", code="generation_stopped")
         if not self.scheduler.submit(job):
             raise ApiError(503, f"the server is busy ({self.cfg.max_queue} requests waiting); retry shortly",
                            kind="server_error", code="queue_full", headers={"Retry-After": "1"})
@@ -151,6 +174,9 @@ def _outcome(job: Job, timeout: float) -> None:
     """Raise the ApiError a finished job ends in, if any."""
     if isinstance(job.error, ContextError):
         raise ApiError(400, str(job.error), param="max_tokens", code="context_length_exceeded")
+    if isinstance(job.error, ThreadStopped):
+        raise ApiError(503, f"the generation thread has stopped ({job.error}); restart the server",
+                       kind="server_error", code="generation_stopped")
     if job.error is not None:
         raise ApiError(500, f"generation failed: {type(job.error).__name__}", kind="server_error")
     if job.row.finish_reason == "timeout":
@@ -164,7 +190,11 @@ def _content(job: Job, cfg: Config) -> str:
     parsed = (job.notes or {}).get("parsed")
     if parsed is None or cfg.keep_model_confidence or "confidence" not in parsed:
         return job.row.text
-    return json.dumps(parsed, ensure_ascii=False)  # training's layout: ", " and ": ", keys in order
+    span = json_span(job.row.text)
+    if span is None:
+        return job.row.text
+    start, end = span  # words the model wrote around the object stay; the object gets training's layout
+    return job.row.text[:start] + json.dumps(parsed, ensure_ascii=False) + job.row.text[end:]
 
 
 def _usage(row: Row) -> dict:
@@ -200,6 +230,14 @@ def build_app(service: Service):
         return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", kind="server_error").body(),
                             status_code=500)
 
+    def json_body(request: Request) -> None:
+        """Only JSON bodies: a browser page on another site can POST text/plain or a form without asking
+        (no CORS preflight), never application/json."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, f"the request body must be sent as Content-Type: application/json (got "
+                           f"{kind or 'none'!r})", code="unsupported_media_type")
+
     def authorized(request: Request) -> None:
         if key is None:
             return
@@ -211,8 +249,12 @@ def build_app(service: Service):
     @app.get("/health")
     async def health():
         s = service.scheduler
-        return {"status": "ok", "waiting": len(s.pending), "running": s.running, "served": s.served,
-                "batches": s.batches, "cancelled": s.cancelled}
+        counts = {"waiting": len(s.pending), "running": s.running, "served": s.served, "batches": s.batches,
+                  "cancelled": s.cancelled}
+        if not s.healthy:
+            return JSONResponse({"status": "generation thread stopped", "reason": s.failure, **counts},
+                                status_code=503)
+        return {"status": "ok", **counts}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
@@ -226,15 +268,20 @@ def build_app(service: Service):
                 "fields": [p["field"] for p in lm["positions"]] if lm else [],
                 "schema": label_schema(lm) if lm else None, "api_key_required": key is not None}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(request: Request):
+    def prepare(raw: bytes, loop) -> tuple[ChatRequest, Job, str]:
+        """JSON, validation, images and the prompt's tokens: on a request thread, neither on the event loop
+        nor on the generation thread."""
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise ApiError(400, "the request body is not valid JSON (UTF-8)") from None
         req = parse_request(body)
+        return req, *service.job(req, loop)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized), Depends(json_body)])
+    async def chat(request: Request):
         loop = asyncio.get_running_loop()
-        job, model = await asyncio.to_thread(service.job, req, loop)  # image decoding off the event loop
+        req, job, model = await asyncio.to_thread(prepare, await request.body(), loop)
         cid = completion_id()
         if not req.stream:
             service.submit(job)
@@ -278,7 +325,20 @@ def build_app(service: Service):
         return FileResponse(WEB / "index.html")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg))
     return _BodyLimit(app, int(cfg.max_request_mb * 2**20))
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def allowed_hosts(cfg: Config) -> list[str]:
+    """Host header names answered: loopback names, --host itself unless it is every interface, and
+    allowed_hosts. A page on another site that rebinds its own name to 127.0.0.1 sends that name: refused."""
+    names = [*LOOPBACK_NAMES, *cfg.allowed_hosts]
+    if cfg.host not in ("0.0.0.0", "::", ""):
+        names.append(f"[{cfg.host}]" if ":" in cfg.host else cfg.host)
+    return ["*"] if "*" in names else names
 
 
 async def _wait(job: Job, request) -> None:
@@ -324,6 +384,15 @@ def run(cfg: Config) -> int:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get(API_KEY_ENV)):
         logger.warning("serving on %s without an API key: anyone who reaches this address can use the model "
                        "(set --api_key or %s)", cfg.host, API_KEY_ENV)
+    if cfg.host in ("0.0.0.0", "::") and not cfg.allowed_hosts:
+        logger.warning("serving on every interface, but only loopback Host names are answered: clients on other "
+                       "machines need --allowed_hosts NAME,... (this machine's name or address, or *)")
+    from PIL import Image
+
+    # PIL's own bomb check as a backstop behind the request's header check (which refuses first, naming the
+    # size); what PIL would only warn about is refused there anyway.
+    Image.MAX_IMAGE_PIXELS = 8 * pixel_bound(cfg.image_max_pixels)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     model, processor = load_for_inference(cfg)
     engine = Engine(model, processor, cfg, system, label_map)
     scheduler = Scheduler(engine, cfg.per_device_eval_batch_size, cfg.max_queue)

@@ -62,6 +62,19 @@ def parse_json(text: str) -> dict | None:
     return None
 
 
+def json_span(text: str) -> tuple[int, int] | None:
+    """Where the first JSON object in `text` starts and ends (parse_json's object), or None."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, end = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return match.start(), end
+    return None
+
+
 def parse_and_check(text: str, label_map: dict) -> dict | None:
     """The answer's JSON object if it parses and every field holds a value its map allows, else None."""
     obj = parse_json(text)
