@@ -48,10 +48,14 @@ def test_second_training_into_the_same_folder_is_refused(models, tmp_path, capsy
     args = _args(models("qwen3"), tmp_path)
     run_dir = tmp_path / "out" / "tiny-qwen3"
     run_dir.mkdir(parents=True)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Another process holds the lock (flock), as a live run does.
+    holder = ("import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid(), 'task': 'train', "
+              "'host': os.uname().nodename, 'started': 'earlier'}).encode()); print('held', flush=True); "
+              "time.sleep(60)")
+    sleeper = subprocess.Popen([sys.executable, "-c", holder, str(run_dir / ".lock")], stdout=subprocess.PIPE)
     try:
-        write_json(run_dir / ".lock", {"pid": sleeper.pid, "host": os.uname().nodename, "task": "train",
-                                       "started": "earlier"})
+        assert sleeper.stdout.readline().strip() == b"held"
         assert run_main("--task", "train", *args) == 2
         err = capsys.readouterr().err
         assert f"in use by another run (train, process {sleeper.pid}" in err

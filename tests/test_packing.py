@@ -98,9 +98,9 @@ def _vlm(models, tmp_path, **keys):
     from data_processing import Encoder
     from model_config import load_base
 
-    cfg = build_config(dict(model_type="vlm", model_name_or_path=str(models("qwen3_vl")), dtype="float32",
-                            output_dir=str(tmp_path / "out"), image_min_pixels=4096, image_max_pixels=16384,
-                            **keys), "test")
+    cfg = build_config({"model_type": "vlm", "model_name_or_path": str(models("qwen3_vl")), "dtype": "float32",
+                        "output_dir": str(tmp_path / "out"), "image_min_pixels": 4096, "image_max_pixels": 16384,
+                        **keys}, "test")  # keys override (the FlashAttention-2 test asks for bfloat16 on cuda)
     torch.manual_seed(0)
     model, processor = load_base(cfg, "train")
     rng = np.random.default_rng(0)

@@ -1,6 +1,9 @@
 """The project file: every module of the checkout is in the package and known to ruff as first-party."""
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (requires-python): the same parser as a package
+    import tomli as tomllib
 
 from conftest import ROOT
 
