@@ -4,8 +4,10 @@
 
 Requests that arrive while a batch runs wait (up to max_queue of them; more are refused at once, and the
 server answers 503 with Retry-After); when the batch ends, the worker takes the oldest waiting request and
-every other waiting one with the same sampling settings and adapter state, up to per_device_eval_batch_size,
-into one generate() call. Each row still ends on its own (max_tokens, stop strings, deadline, a client that
+every other waiting one with the same sampling settings and the same model (adapter, or the base without one),
+up to per_device_eval_batch_size, into one generate() call: a batch never mixes adapters. Work that changes the
+model (an adapter reload) is a call() run on the same thread between batches, so a running batch finishes on
+the adapter it started with. Each row still ends on its own (max_tokens, stop strings, deadline, a client that
 left). transformers' generate() cannot add rows to a running batch, so batches form between calls (no
 continuous batching; vLLM/SGLang do that, README: Serving).
 """
@@ -20,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from generation import Engine, Row
+from generation import Row
 
 logger = logging.getLogger(__name__)
 _unique = itertools.count()
@@ -32,7 +34,7 @@ class Job:
     temperature: float
     top_p: float
     seed: int | None
-    adapter: bool
+    served: object                      # serve.Served: .name, .engine and .adapter (read when the batch runs)
     confidences: bool                   # VLM: compute field confidences after generation
     explicit_max_tokens: bool           # the client set max_tokens (refused, not shortened, past the context)
     loop: asyncio.AbstractEventLoop
@@ -44,7 +46,7 @@ class Job:
     def __post_init__(self):
         # A seeded request runs alone, so its answer depends on its seed only (not on its batch neighbours).
         seed = ("seed", next(_unique)) if self.seed is not None else None
-        self._key = (self.adapter, self.temperature, self.top_p if self.temperature > 0 else None, seed)
+        self._key = (self.served.name, self.temperature, self.top_p if self.temperature > 0 else None, seed)
 
     def resolve(self) -> None:
         self.loop.call_soon_threadsafe(lambda: self.future.done() or self.future.set_result(self))
@@ -57,9 +59,10 @@ class ThreadStopped(RuntimeError):
 class Scheduler:
     """Owns the model: every generate() runs on its thread, one batch at a time."""
 
-    def __init__(self, engine: Engine, max_batch: int, max_queue: int):
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+    def __init__(self, max_batch: int, max_queue: int):
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.pending: deque[Job] = deque()
+        self.calls: deque[tuple] = deque()  # (function, concurrent Future): run between batches
         self.cond = threading.Condition()
         self.running = 0
         self.stopping = False
@@ -90,12 +93,38 @@ class Scheduler:
             self.cond.notify()
             return True
 
+    def call(self, fn):
+        """Run fn() on the generation thread before the next batch; a concurrent Future of its result."""
+        from concurrent.futures import Future
+
+        future = Future()
+        with self.cond:
+            if self.stopping or not self.healthy:
+                future.set_exception(ThreadStopped(self.failure or "stopping"))
+                return future
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def _calls(self) -> None:
+        while True:
+            with self.cond:
+                if not self.calls:
+                    return
+                fn, future = self.calls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - the caller gets it; the thread goes on
+                future.set_exception(e)
+
     def _take(self) -> list[Job] | None:
         with self.cond:
-            while not self.pending and not self.stopping:
+            while not self.pending and not self.calls and not self.stopping:
                 self.cond.wait()
+        self._calls()
+        with self.cond:
             if not self.pending:
-                return None
+                return [] if not self.stopping else None
             key = self.pending[0]._key
             batch = [j for j in self.pending if j._key == key][:self.max_batch]
             for j in batch:
@@ -108,6 +137,8 @@ class Scheduler:
         the thread end anyway, /health says so and every waiting request is answered."""
         try:
             while (batch := self._take()) is not None:
+                if not batch:
+                    continue
                 try:
                     self._run(batch)
                 except Exception as e:  # noqa: BLE001 - a bug in one batch must not stop the server
@@ -128,6 +159,9 @@ class Scheduler:
             with self.cond:
                 self.failure = self.failure or ("stopped" if self.stopping else "ended")
                 left, self.pending = list(self.pending), deque()
+                calls, self.calls = list(self.calls), deque()
+            for _, future in calls:
+                future.set_exception(ThreadStopped(self.failure))
             for job in left:
                 job.error = ThreadStopped(self.failure)
                 job.resolve()
@@ -145,12 +179,15 @@ class Scheduler:
         if not live:
             return
         first = live[0]
+        served = first.served
+        engine, adapter = served.engine, served.adapter  # read now: a reload between batches changes them
         try:
-            self.engine.generate_rows([j.row for j in live], temperature=first.temperature, top_p=first.top_p,
-                                      seed=first.seed, adapter=first.adapter)
+            engine.generate_rows([j.row for j in live], temperature=first.temperature, top_p=first.top_p,
+                                 seed=first.seed, adapter=adapter)
             for job in live:
                 if job.confidences and job.row.finish_reason in ("stop", "length"):
-                    job.notes = self.engine.confidences(job.row, adapter=job.adapter)
+                    job.notes = engine.confidences(job.row, adapter=adapter)
+                    job.notes.update(served.flags(job.notes))
         except Exception as e:  # noqa: BLE001 - one failed batch answers its requests with 500, the server goes on
             logger.exception("generation failed for a batch of %d", len(live))
             for job in live:

@@ -108,6 +108,9 @@ class Config:
                               "its training processes) for the tower's output per image, kept from its first pass "
                               "so later epochs skip the tower and the image decoding; images past the budget run "
                               "the tower each time; 0 turns it off")
+    extra_image_dirs: list[str] = _f([], "VLM training: more image folders (named like image_dir's, e.g. the review "
+                                     "queue's corrections in <run>/reviewed) added to the training split only; "
+                                     "copies of validation images are left out")
     # --- outputs ----------------------------------------------------------------------------------
     output_dir: str = _f("./output", "root of the outputs; each base model gets output_dir/<model-name>/")
     # --- training ---------------------------------------------------------------------------------
@@ -163,6 +166,9 @@ class Config:
     lora_dropout: Any = _lib(_LORA, 0.05, "a little dropout against over-fitting small datasets")
     target_modules: list[str] = _f(["q_proj", "v_proj"], "modules that get LoRA (names, or all-linear); matched "
                                    "against the model by this tool, which reports names the model lacks")
+    init_adapter: str | None = _f(None, "train: start from this saved adapter folder (e.g. <run>/lora_model, the "
+                                  "one being served) instead of a fresh one; its LoRA settings (r, alpha, target "
+                                  "modules) replace lora_r, lora_alpha and target_modules")
     lora_args: dict = _f({}, "any other peft LoraConfig field (use_dora, use_rslora, init_lora_weights, "
                          "layers_to_transform, ...), given as a top-level key or flag; LoraConfig validates them")
     # --- generation (evaluate and inference) -----------------------------------------------------
@@ -178,6 +184,9 @@ class Config:
                                     "json_valid_rate_unconstrained (twice the generation time)")
     keep_model_confidence: bool = _f(False, "VLM: keep the confidence the model wrote instead of the one computed "
                                      "from its token probabilities")
+    review_target_accuracy: float = _f(0.99, "VLM evaluate: the accuracy the answers accepted without review "
+                                       "must reach on validation; thresholds.json holds the lowest confidence per "
+                                       "field (and overall) that reaches it")
     # --- inference --------------------------------------------------------------------------------
     use_original_model: bool = _f(False, "evaluate/infer with the base model, without the LoRA adapter")
     input: str | None = _f(None, "batch inference: a JSON array / .txt / .jsonl of prompts, or (VLM) an image "
@@ -205,6 +214,14 @@ class Config:
                                   "when serving on 0.0.0.0, * for any; other names get 400 (DNS rebinding)")
     image_folder: str | None = _f(None, "serve: a local folder whose images requests may name by path or file:// "
                                   "URL; null refuses every path and remote URL (only data: URLs)")
+    review_dir: str | None = _f(None, "serve, VLM: where reviewed images are saved as training files named by "
+                                "their corrected label code; null: <run>/reviewed")
+    review_max_items: int = _f(1000, "serve, VLM: most images waiting in the review queue (<run>/review); past it "
+                               "the most confident waiting item makes room for a less confident one")
+    watch_adapter: bool = _f(False, "serve: reload a run's adapter when training writes a new one (checked every "
+                             "2 s), between batches; POST /v1/models/reload does it on demand")
+    serve_runs: list[str] = _f([], "serve: NAME=RUN_DIR ... several runs (adapters) of this one base model on one "
+                               "server; a request's model picks one; each keeps its thresholds and review queue")
     # --- misc -------------------------------------------------------------------------------------
     log_level: str = _f("info", "logging level", ("debug", "info", "warning", "error"))
     debug: bool = _f(False, "show full tracebacks for user errors")
@@ -270,7 +287,7 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 SECRET_KEYS = ("api_key",)
 PATH_KEYS = ("model_name_or_path", "data_dir", "image_dir", "prompt_file", "label_map_file", "output_dir", "input",
-             "output", "resume_from_checkpoint", "image_folder")
+             "output", "resume_from_checkpoint", "image_folder", "init_adapter", "review_dir")
 _SHORT = reprlib.Repr()  # values echoed in messages stay short, whatever the user passed
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 _HINTS = get_type_hints(Config)
@@ -333,6 +350,8 @@ def _convert(name: str, value: Any, from_cli: bool, library: bool = True) -> Any
     if base is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        if from_cli and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return [v.strip() for part in value for v in part.split(",") if v.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ValueError(f"expected a list of names (a,b,c), got {_SHORT.repr(value)}")
@@ -661,6 +680,12 @@ def _check_ranges(cfg: Config, failed: set[str] = frozenset()) -> list[str]:
     need(lambda: cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(lambda: cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
     need(lambda: cfg.image_min_pixels <= cfg.image_max_pixels, "image_min_pixels", "must be <= image_max_pixels")
+    need(lambda: 0 < cfg.review_target_accuracy <= 1, "review_target_accuracy", "must be in (0, 1], e.g. 0.99")
+    need(lambda: cfg.review_max_items > 0, "review_max_items", "must be > 0")
+    need(lambda: cfg.init_adapter is None or (Path(cfg.init_adapter) / "adapter_config.json").is_file(),
+         "init_adapter", "is not an adapter folder (no adapter_config.json); name a run's lora_model folder")
+    need(lambda: all(re.fullmatch(r"[\w.\-]+=.+", r) for r in cfg.serve_runs), "serve_runs",
+         "each entry is NAME=RUN_DIR (NAME of letters, digits, . _ -), e.g. line1=output/line1/Qwen3-VL-2B-Instruct")
     need(lambda: cfg.vision_cache_mb >= 0, "vision_cache_mb", "must be >= 0 (0 turns the cache off)")
     need(lambda: cfg.save_total_limit is None or cfg.save_total_limit > 0, "save_total_limit", "must be > 0 or null")
     need(lambda: cfg.max_eval_samples is None or cfg.max_eval_samples > 0, "max_eval_samples", "must be > 0 or null")
@@ -744,6 +769,8 @@ def build_config(raw: dict[str, Any], source: str, cli: dict[str, Any] | None = 
     for key in PATH_KEYS:  # ~ and $VARS expand once, here, for every task
         if isinstance(values.get(key), str):
             values[key] = os.path.expandvars(os.path.expanduser(values[key]))
+    if isinstance(values.get("extra_image_dirs"), list):
+        values["extra_image_dirs"] = [os.path.expandvars(os.path.expanduser(d)) for d in values["extra_image_dirs"]]
     cfg = Config(**values)
     cfg.cli_keys = frozenset(cli or ())  # which keys the user set explicitly for this run (not a config key)
     if cfg.device == "cuda":
@@ -857,5 +884,7 @@ def add_flags(parser, library_help: bool = False) -> None:
         if library or _kind(name)[0] is bool or "true" in (_kind(name)[2] or ()):
             parser.add_argument(f"--{name}", nargs="?", const="true", default=None,
                                 metavar="VALUE" if library else "BOOL", help=flag_help(name, library_help))
+        elif _kind(name)[0] is list:  # --serve_runs a=DIR b=DIR, or the comma form a,b
+            parser.add_argument(f"--{name}", nargs="+", default=None, metavar="VALUE", help=flag_help(name))
         else:
             parser.add_argument(f"--{name}", default=None, metavar="VALUE", help=flag_help(name))

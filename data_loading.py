@@ -255,6 +255,11 @@ def load_label_map(path: Path) -> dict:
         bad = [k for k in pos["map"] if len(k) != 1]
         if bad:
             raise UserError(f"{path}: positions[{i}].map keys must be single characters, got {bad}")
+        # A key is a character of a file name (the label code before the first underscore): these cannot be.
+        bad = [k for k in pos["map"] if k in "_/\\\0" or not k.isprintable()]
+        if bad:
+            raise UserError(f"{path}: positions[{i}].map keys {bad} cannot stand in a file name's label code; use "
+                            "letters or digits")
     if not isinstance(lm.get("defaults", {}), dict):
         raise UserError(f"{path}: \"defaults\" must be an object")
     return lm
@@ -276,6 +281,23 @@ def decode_code(code: str, label_map: dict) -> dict:
             raise ValueError(f"character {ch!r} is not in the map of {pos['field']!r} ({', '.join(pos['map'])})")
         out[pos["field"]] = pos["map"][ch]
     return out
+
+
+def encode_fields(fields: dict, label_map: dict) -> str:
+    """The inverse of decode_code: {status: ..., sub_type: ...} -> `130`, the file-name prefix training reads.
+    Values compare as JSON (true is not 1); ValueError names a missing field or a value the map lacks."""
+    code = []
+    for pos in label_map["positions"]:
+        name = pos["field"]
+        if name not in fields:
+            raise ValueError(f"the field {name!r} is missing")
+        wanted = json.dumps(fields[name], ensure_ascii=False)
+        ch = next((k for k, v in pos["map"].items() if json.dumps(v, ensure_ascii=False) == wanted), None)
+        if ch is None:
+            allowed = ", ".join(json.dumps(v, ensure_ascii=False) for v in pos["map"].values())
+            raise ValueError(f"{name!r} cannot be {wanted}; the label map allows {allowed}")
+        code.append(ch)
+    return "".join(code)
 
 
 def target_json(code: str, label_map: dict) -> str:
@@ -475,7 +497,42 @@ def vlm_split(cfg: Config, write: bool) -> dict[str, list[Example]]:
                         split_file)
         else:
             logger.warning("no %s (train first); using the same seeded split", split_file)
-    return {k: [by_file[f] for f in saved[k] if f in by_file] for k in ("train", "validation")}
+    out = {k: [by_file[f] for f in saved[k] if f in by_file] for k in ("train", "validation")}
+    if write and cfg.extra_image_dirs:
+        out["train"] += extra_training_images(cfg, label_map, out["validation"])
+    return out
+
+
+def extra_training_images(cfg: Config, label_map: dict, validation: list[Example]) -> list[Example]:
+    """The images of extra_image_dirs (corrections saved by the review queue), for training only: never in
+    split.json, so the validation set, and every figure measured on it, stays what it was. A copy of a
+    validation image (same bytes) is left out: training on it would inflate the validation figures."""
+    import hashlib
+
+    def digest(path) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    held_out = {digest(e.image): e.image for e in validation}
+    out = []
+    for folder in map(Path, cfg.extra_image_dirs):
+        if not folder.is_dir():
+            raise UserError(f"`extra_image_dirs`: {folder} is not a folder; create it, or remove it from the list")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            logger.warning("`extra_image_dirs`: %s holds no images yet; training without it", folder)
+            continue
+        found = vlm_examples(cfg, list_images(folder), label_map)
+        kept = []
+        for e in found:
+            twin = held_out.get(digest(e.image))
+            if twin is not None:
+                logger.warning("%s is a copy of the validation image %s: left out of training, so validation "
+                               "stays held out", e.image, twin)
+            else:
+                kept.append(e)
+        logger.info("%d corrected images from %s added to the training split (validation unchanged)", len(kept),
+                    folder)
+        out += kept
+    return out
 
 
 def stratified_subset(examples: list[Example], n: int, seed: int) -> list[Example]:

@@ -6,6 +6,8 @@
 LLM: exact_match, character-level ROUGE-L and BLEU-4 (character level, so Chinese needs no word splitter).
 VLM: json_valid_rate, exact_match over the label fields, and per field accuracy, macro F1, per-class
 precision/recall/support and a confusion matrix (also drawn as confusion_<field>.png).
+VLM: thresholds.json too, the confidence per field (and overall) above which answers are accepted without
+review (thresholds.py), and needs_review on every prediction row.
 Writes output_dir/<model-name>/eval_results.json (eval_results_original_model.json for the base model)
 and eval_predictions.jsonl.
 """
@@ -17,6 +19,7 @@ import re
 import time
 
 import distributed
+import thresholds
 from answer_io import report_empty
 from config import Config, UserError
 from data_loading import load_examples, stratified_subset
@@ -29,9 +32,10 @@ from metrics import (
     perplexity,
     plot_confusion,
     plot_reliability,
+    plot_risk_coverage,
     text_metrics,
 )
-from model_config import adopt_training_settings, load_for_inference
+from model_config import adapter_revision, adopt_training_settings, load_for_inference
 from outputs import peak_memory_mb, reset_peak_memory, write_json, write_jsonl
 from report import write_report
 from structured import parse_and_check, parse_json
@@ -91,6 +95,16 @@ def run(cfg: Config) -> int:
         for name, m in results["fields"].items():
             plot_confusion(name, m, run_dir / f"confusion_{_safe(name)}{suffix}.png")
         plot_reliability(results["calibration"], run_dir / f"reliability{suffix}.png")
+        review = thresholds.compute(rows, [p["field"] for p in label_map["positions"]], cfg.review_target_accuracy)
+        thresholds.write(run_dir / f"thresholds{suffix}.json", review,
+                         None if cfg.use_original_model else adapter_revision(cfg.lora_dir))
+        plot_risk_coverage(review, run_dir / f"risk_coverage{suffix}.png")
+        for r in rows:
+            r.update(thresholds.flags(r["field_confidence"], r["confidence"], review))
+        results["review"] = {name: {k: t[k] for k in ("threshold", "coverage", "accuracy", "accepted", "n")}
+                             for name, t in [*review["fields"].items(), ("overall", review["confidence"])]}
+        results["review_rate"] = sum(r["needs_review"] for r in rows) / len(rows)
+        logger.info(thresholds.summary(review))
     else:
         results.update(text_metrics(preds, [e.target for e in examples]))
         rows = [{"text": e.prompt, "target": e.target, "prediction": p} for e, p in zip(examples, preds)]
@@ -101,7 +115,7 @@ def run(cfg: Config) -> int:
     write_jsonl(run_dir / f"eval_predictions{suffix}.jsonl", rows)
     write_report(run_dir / f"eval_report{suffix}.html", cfg, results, rows)
     summary = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()
-               if k not in ("fields", "calibration")}
+               if k not in ("fields", "calibration", "review")}
     logger.info("evaluation: %s", summary)
     for name, m in results.get("fields", {}).items():
         c = results["calibration"].get(name, {})

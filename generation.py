@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import thresholds
 from config import Config
 from data_loading import Example, load_image, load_label_map
 from data_processing import end_of_turn_ids, has_chat_template, prompt_text, strip_thinking
@@ -152,9 +153,10 @@ class Answerer:
     """Answers for examples with one loaded model: VLM answers constrained to the label map's schema (unless
     constrained_decoding is off) and annotated with field confidences from the model's probabilities."""
 
-    def __init__(self, model, processor, cfg: Config, system: str | None, label_map: dict | None):
+    def __init__(self, model, processor, cfg: Config, system: str | None, label_map: dict | None,
+                 review: dict | None = None):
         self.model, self.processor, self.cfg, self.system = model, processor, cfg, system
-        self.label_map = label_map
+        self.label_map, self.review = label_map, review  # review: thresholds.json's content
         self.constraint = vlm_constraint(model, processor, cfg, self.label_map)
 
     def texts(self, examples: list[Example], **kw) -> list[str]:
@@ -167,7 +169,9 @@ class Answerer:
         texts, notes = answer_and_annotate(self.model, self.processor, examples, self.cfg, self.system,
                                            self.label_map, self.constraint)
         return {"prediction": texts, "_extra": [{"prediction": n["parsed"], "field_confidence": n["field_confidence"],
-                                                 "confidence": n["confidence"]} for n in notes]}
+                                                 "confidence": n["confidence"],
+                                                 **thresholds.flags(n["field_confidence"], n["confidence"],
+                                                                    self.review)} for n in notes]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,9 +355,9 @@ class Engine:
 
     @torch.inference_mode()
     def generate_rows(self, rows: list[Row], temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                      adapter: bool = True) -> None:
-        """Answer `rows` together (same sampling settings, same adapter state); each row ends on its own. Rows
-        come encoded (encode_row); their batch is only padded here."""
+                      adapter: str | None = "default") -> None:
+        """Answer `rows` together (same sampling settings, same adapter: a peft adapter name, None for the base
+        model); each row ends on its own. Rows come encoded (encode_row); their batch is only padded here."""
         for r in rows:
             if r.inputs is None:
                 self.encode_row(r, explicit=False)
@@ -376,11 +380,18 @@ class Engine:
                 control._finish(i, "length", control.last[i])
             r.text = strip_thinking(r.text)
 
-    def _adapter(self, on: bool):
-        """The adapter as the request names it: on, or switched off (the base model) for the call."""
-        return contextlib.nullcontext() if on or not self.has_adapter else self.model.disable_adapter()
+    def _adapter(self, name: str | None):
+        """The adapter a request's model names, made active (several may be loaded on the one base), or every
+        adapter switched off for the call (the base model)."""
+        if not self.has_adapter:
+            return contextlib.nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+        return contextlib.nullcontext()
 
-    def confidences(self, row: Row, adapter: bool = True) -> dict:
+    def confidences(self, row: Row, adapter: str | None = "default") -> dict:
         """parsed, field_confidence and confidence of a VLM row's answer: annotate_vlm, as evaluate computes them."""
         with self._adapter(adapter):
             return annotate_vlm(self.model, self.processor, [row.example], [row.text], self.cfg, self.system,

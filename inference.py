@@ -4,6 +4,7 @@
     python main.py --task inference --use_original_model             the same with the base model
     python main.py --task inference --input questions.json --output preds.jsonl
     python main.py --task inference --input data/vlm/images --output preds.jsonl
+                                  (VLM rows carry needs_review and review_fields, from thresholds.json)
 
 The REPL reads lines from stdin (a pipe works), streams LLM answers as they are generated, ignores empty lines
 and ends on exit, quit or EOF. A bad line gets a message; the loaded model stays loaded. Generation is the
@@ -15,11 +16,12 @@ from __future__ import annotations
 import json
 import sys
 
+import thresholds
 from answer_io import line_example, prepare_batch, repl, run_batch, show_answer
 from config import Config
 from data_loading import system_prompt
 from generation import Answerer, generate_batch, vlm_label_map
-from model_config import adopt_training_settings, load_for_inference
+from model_config import adapter_revision, adopt_training_settings, load_for_inference
 
 
 def _answer_one(answerer: Answerer, line: str) -> None:
@@ -51,7 +53,9 @@ def run(cfg: Config) -> int:
     label_map = vlm_label_map(cfg)
     batch = prepare_batch(cfg) if cfg.input else None
     model, processor = load_for_inference(cfg)
-    answerer = Answerer(model, processor, cfg, system, label_map)
+    review = thresholds.load(thresholds.path(cfg), adapter_revision(cfg.lora_dir)) \
+        if label_map is not None and batch is not None else None
+    answerer = Answerer(model, processor, cfg, system, label_map, review)
     if batch is not None:
         run_batch(cfg, *batch, answerer.columns)
         return 0

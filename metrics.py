@@ -159,6 +159,39 @@ def plot_reliability(calib: dict[str, dict], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def plot_risk_coverage(thresholds: dict, path: Path) -> None:
+    """Accuracy of the accepted answers against coverage (share accepted), per field and overall, with each
+    field's chosen threshold marked and the target accuracy drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cjk_font()
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.axhline(thresholds["target_accuracy"], ls=":", color="gray", label=f"target {thresholds['target_accuracy']:g}")
+    items = [*thresholds["fields"].items(), ("overall", thresholds["confidence"])]
+    for name, t in items:
+        pts = t["curve"]
+        if not pts:
+            continue
+        line, = ax.plot([0] + [p["coverage"] for p in pts], [pts[0]["accuracy"]] + [p["accuracy"] for p in pts],
+                        "-", drawstyle="steps-post", lw=2 if name == "overall" else 1.2)
+        label = f"{name}: " + (f">= {t['threshold']:.3f}, coverage {t['coverage']:.2f}" if t["reached"]
+                               else "target not reached")
+        line.set_label(label)
+        if t["reached"]:
+            ax.plot([t["coverage"]], [t["accuracy"]], "o", color=line.get_color(), ms=7)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (share of answers accepted without review)")
+    ax.set_ylabel("accuracy of the accepted answers")
+    ax.set_title(f"accuracy against coverage ({thresholds['num_samples']} validation samples)")
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
+    _save_figure(fig, path)
+
+
 _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
               "SimHei", "Microsoft YaHei", "PingFang SC", "Hiragino Sans GB", "AR PL UMing CN")
 _missing_glyphs_said = False

@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -285,9 +286,24 @@ def vision_tower_names(model) -> list[str]:
     return sorted(names)
 
 
+def adapter_revision(lora_dir: Path) -> str | None:
+    """Which adapter a folder holds now: its weights file's modification time and the start of its SHA-256
+    (training replaces the folder whole, so a new adapter is a new revision)."""
+    import hashlib
+
+    weights = Path(lora_dir) / "adapter_model.safetensors"
+    try:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(weights.stat().st_mtime))
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return None
+    return f"{stamp}-{digest}"
+
+
 def attach_lora(model, cfg: Config):
-    """Wrap `model` with a trainable LoRA adapter (fp32 weights); prepares k-bit models for training."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap `model` with a trainable LoRA adapter (fp32 weights); prepares k-bit models for training. With
+    init_adapter, the adapter starts as that saved one (its own LoRA settings) instead of fresh."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     names = resolve_target_modules(model, cfg)
     width = min((min(getattr(m, "in_features", 0) or 0, getattr(m, "out_features", 0) or 0)
@@ -325,7 +341,10 @@ def attach_lora(model, cfg: Config):
     lora = LoraConfig(**cfg.library_values("LoraConfig"), target_modules=target, **{"bias": "none", **extra},
                       task_type="CAUSAL_LM",
                       modules_to_save=tower or None, fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores weights transposed
-    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    if cfg.init_adapter:
+        model = _from_adapter(PeftModel, model, cfg)
+    else:
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # fp32 adapters: fp16 bases train without unscale errors
@@ -333,6 +352,37 @@ def attach_lora(model, cfg: Config):
     total = sum(p.numel() for p in model.parameters())
     logger.info("LoRA on %s: %d trainable of %d parameters (%.3f%%)", ", ".join(names), trainable, total,
                 100 * trainable / max(total, 1))
+    return model
+
+
+def check_init_adapter(cfg: Config) -> None:
+    """Before any data or model is read: init_adapter must be an adapter of this base model and label map."""
+    if not cfg.init_adapter:
+        return
+    folder = Path(cfg.init_adapter)
+    check_adapter_owner(cfg, folder)
+    theirs, ours = folder / SAVED_FILES["label_map_file"], Path(cfg.label_map_file)
+    if cfg.model_type == "vlm" and theirs.is_file() and ours.is_file() \
+            and _file_contents("label_map_file", theirs) != _file_contents("label_map_file", ours):
+        raise UserError(f"init_adapter {folder} was trained with another label map ({theirs}) than "
+                        f"label_map_file {ours}: its codes would mean other values; use the same label map")
+
+
+def _from_adapter(peft_model, model, cfg: Config):
+    """The saved adapter at init_adapter, trainable: the retraining of a served adapter on corrections."""
+    folder = Path(cfg.init_adapter)
+    check_init_adapter(cfg)
+    saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    for key, name in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
+        if key in getattr(cfg, "cli_keys", ()) and saved.get(name) != getattr(cfg, key):
+            logger.warning("`%s` = %r is ignored: init_adapter %s was made with %s = %r", key, getattr(cfg, key),
+                           folder, name, saved.get(name))
+    try:
+        model = peft_model.from_pretrained(model, str(folder), is_trainable=True, autocast_adapter_dtype=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"init_adapter {folder} does not fit {cfg.model_name_or_path}: {str(e)[:300]}") from None
+    logger.info("training starts from the adapter in %s (r=%s, alpha=%s), not a fresh one", folder, saved.get("r"),
+                saved.get("lora_alpha"))
     return model
 
 

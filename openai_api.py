@@ -134,6 +134,38 @@ def parse_request(body) -> ChatRequest:
 
 # ----------------------------------------------------------------------------------------------------
 # messages -> Example
+def _image_source(url: str, image_folder: Path | None, where: str):
+    """A data: URL's bytes (BytesIO), or the path of an image inside the folder the operator allowed."""
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if not head.startswith("data:image/") or not head.endswith(";base64"):
+            raise ApiError(400, f"{where}: expected a data:image/...;base64, URL (got {head[:40]!r})", param=where)
+        try:
+            return io.BytesIO(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: the base64 data does not decode", param=where) from None
+    parsed = urlparse(url)
+    if image_folder is None or parsed.scheme not in ("", "file"):
+        raise ApiError(400, f"{where}: only data: URLs are accepted (the server fetches nothing); the operator "
+                       "may allow a local folder with --image_folder", param=where)
+    root = image_folder.resolve()
+    path = Path(unquote(parsed.path if parsed.scheme else url))
+    path = (path if path.is_absolute() else root / path).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(400, f"{where}: not an image file inside the allowed folder {image_folder}", param=where)
+    return path
+
+
+def single_image(req: ChatRequest, image_folder: Path | None) -> bytes | None:
+    """The bytes of a request's image, when it has exactly one (what the review queue keeps)."""
+    urls = [p.image_url.url for m in req.messages if isinstance(m.content, list) for p in m.content
+            if p.type == "image_url" and p.image_url is not None]
+    if len(urls) != 1:
+        return None
+    source = _image_source(urls[0], image_folder, "image_url")
+    return source.getvalue() if isinstance(source, io.BytesIO) else source.read_bytes()
+
+
 def _decode_image(url: str, image_folder: Path | None, where: str, budget: list[int]):
     """A PIL image from a data: URL (or, when the operator allowed a folder, a path inside it), decoded once,
     after its header's size is checked against what is left of the request's pixel budget (`budget[0]`)."""
@@ -141,26 +173,7 @@ def _decode_image(url: str, image_folder: Path | None, where: str, budget: list[
 
     from data_loading import to_rgb
 
-    if url.startswith("data:"):
-        head, _, payload = url.partition(",")
-        if not head.startswith("data:image/") or not head.endswith(";base64"):
-            raise ApiError(400, f"{where}: expected a data:image/...;base64, URL (got {head[:40]!r})", param=where)
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: the base64 data does not decode", param=where) from None
-        source = io.BytesIO(raw)
-    else:
-        parsed = urlparse(url)
-        if image_folder is None or parsed.scheme not in ("", "file"):
-            raise ApiError(400, f"{where}: only data: URLs are accepted (the server fetches nothing); the operator "
-                           "may allow a local folder with --image_folder", param=where)
-        root = image_folder.resolve()
-        path = Path(unquote(parsed.path if parsed.scheme else url))
-        path = (path if path.is_absolute() else root / path).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise ApiError(400, f"{where}: not an image file inside the allowed folder {image_folder}", param=where)
-        source = path
+    source = _image_source(url, image_folder, where)
     try:
         with Image.open(source) as im:  # reads the header only
             w, h = im.size
@@ -253,9 +266,11 @@ def completion_id() -> str:
 
 
 def _extras(notes: dict | None) -> dict:
+    """What a VLM choice carries beside the message: confidences, and whether (and why) it needs review."""
     if not notes:
         return {}
-    return {"field_confidence": notes["field_confidence"], "confidence": notes["confidence"]}
+    return {k: notes[k] for k in ("field_confidence", "confidence", "needs_review", "review_fields", "review_id")
+            if k in notes}
 
 
 def completion(cid: str, model: str, text: str, finish: str, usage: dict, notes: dict | None) -> dict:

@@ -33,19 +33,33 @@ def _user_mode(path: str | Path, directory: bool) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it over `path` (atomic on one filesystem)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+    """atomic_write_text for bytes; with overwrite=False an existing `path` is never replaced (FileExistsError):
+    the finished file is hard-linked into place, which fails when the name is taken, even by a racing writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         _user_mode(tmp, directory=False)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive creation still never overwrites
+                with open(path, "xb") as f:
+                    f.write(data)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: str | Path, data) -> None:

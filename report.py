@@ -55,6 +55,19 @@ _TEMPLATE = """\
 <h2>Calibration</h2><p class='muted'>Confidence is the model's probability of the value it chose, normalised over
 the values the field allows. On the diagonal, confidence equals accuracy.</p>
 {% if reliability %}<img alt="{{ reliability.name }}" src="data:image/png;base64,{{ reliability.data }}">{% endif %}
+<h2>Review thresholds</h2><p class='muted'>Answers whose confidence is at or above a field's threshold (and the
+overall one's) are accepted without review; the threshold is the lowest at which the accepted validation answers
+still reach the target accuracy {{ review_target }}. Few samples behind a threshold make it noisy: the last column
+says how many.</p>
+<table><tr><th>confidence</th><th>threshold</th><th>coverage</th><th>accuracy accepted</th><th>accepted / samples</th>
+</tr>
+{%- for name, t in review %}<tr class="{{ 'ok' if t.threshold is not none else 'bad' }}">{{ cell(name) }}
+{%- if t.threshold is none %}<td colspan="2">target not reached: every answer goes to review</td><td>-</td>
+{%- else %}{{ cell(t.threshold) }}{{ cell(t.coverage) }}{{ cell(t.accuracy) }}{% endif %}
+<td class="num">{{ t.accepted }} / {{ t.n }}</td></tr>
+{%- endfor %}</table>
+{% if risk_coverage -%}
+<img alt="{{ risk_coverage.name }}" src="data:image/png;base64,{{ risk_coverage.data }}">{% endif %}
 <h2>Confusion matrices</h2><p class='muted'>Rows: truth; columns: prediction.</p>
 {%- for f in fields %}
 <h3>{{ f.name }}</h3><table class='cm'><tr><th></th>{% for lab in f.labels %}<th>{{ lab }}</th>{% endfor %}</tr>
@@ -63,7 +76,8 @@ the values the field allows. On the diagonal, confidence equals accuracy.</p>
 {%- endfor %}</tr>{% endfor %}</table>
 {%- endfor %}
 <h2>Validation images ({{ images | length }}, errors first)</h2>
-<table><tr><th>image</th><th>file</th>{% for f in fields %}<th>{{ f.name }}</th>{% endfor %}<th>confidence</th></tr>
+<table><tr><th>image</th><th>file</th>{% for f in fields %}<th>{{ f.name }}</th>{% endfor %}<th>confidence</th>
+<th>review</th></tr>
 {%- for r in images %}
 <tr class="{{ 'bad' if r.wrong else '' }}"><td>
 {%- if r.thumbnail %}<img class="thumb" alt="{{ r.name }}" src="data:image/jpeg;base64,{{ r.thumbnail }}">
@@ -73,7 +87,7 @@ the values the field allows. On the diagonal, confidence equals accuracy.</p>
 {%- else %}<mark>{{ c.shown | fmt }}</mark>{% endif %}
 {%- if c.confidence is not none %} <span class='muted'>({{ '%.2f' | format(c.confidence) }})</span>{% endif %}
 {%- if not c.right %}<br><span class='muted'>truth: {{ c.truth | fmt }}</span>{% endif %}</td>
-{%- endfor %}{{ cell(r.confidence) }}</tr>
+{%- endfor %}{{ cell(r.confidence) }}<td>{{ r.review }}</td></tr>
 {%- endfor %}</table>
 {% else %}
 <h2>Validation samples ({{ samples | length }}, errors first)</h2>
@@ -158,10 +172,15 @@ def _vlm_context(results: dict, rows: list[dict], reliability: Path) -> dict:
                   "shown": p.get(f), "truth": r["target"].get(f), "confidence": conf.get(f)} for f in names]
         overall = r.get("confidence")
         images.append({"name": Path(r["file"]).name, "thumbnail": _thumbnail(r["file"]), "cells": cells,
-                       "wrong": bool(wrong(r)), "confidence": overall if isinstance(overall, float) else "-"})
-    png = {"name": reliability.name, "data": base64.b64encode(reliability.read_bytes()).decode()} \
-        if reliability.is_file() else None
-    return {"fields": fields, "images": images, "reliability": png}
+                       "wrong": bool(wrong(r)), "confidence": overall if isinstance(overall, float) else "-",
+                       "review": ", ".join(r.get("review_fields") or []) if r.get("needs_review") else "accepted"})
+    return {"fields": fields, "images": images, "reliability": _png(reliability),
+            "risk_coverage": _png(reliability.with_name(reliability.name.replace("reliability", "risk_coverage"))),
+            "review": list(results.get("review", {}).items())}
+
+
+def _png(path: Path) -> dict | None:
+    return {"name": path.name, "data": base64.b64encode(path.read_bytes()).decode()} if path.is_file() else None
 
 
 def _llm_context(rows: list[dict]) -> dict:
@@ -175,7 +194,7 @@ def _llm_context(rows: list[dict]) -> dict:
 
 def write_report(path: Path, cfg: Config, results: dict, rows: list[dict]) -> None:
     headline_keys = ["num_samples", "json_valid_rate", "schema_valid_rate", "json_valid_rate_unconstrained",
-                     "exact_match", "rouge_l", "bleu", "eval_loss", "perplexity", "empty_predictions",
+                     "exact_match", "review_rate", "rouge_l", "bleu", "eval_loss", "perplexity", "empty_predictions",
                      "samples_per_second"]
     suffix = "_original_model" if cfg.use_original_model else ""
     context = _vlm_context(results, rows, path.parent / f"reliability{suffix}.png") if "fields" in results \
@@ -184,7 +203,8 @@ def write_report(path: Path, cfg: Config, results: dict, rows: list[dict]) -> No
     embedded = json.loads(json.dumps(results, default=str))
     atomic_write_text(path, _PAGE.render(
         title=f"Evaluation: {cfg.model_name}" + (" (base model)" if cfg.use_original_model else ""),
-        css=_CSS, model=str(results.get("model")), adapter=str(results.get("adapter")),
+        css=_CSS, review_target=cfg.review_target_accuracy, model=str(results.get("model")),
+        adapter=str(results.get("adapter")),
         when=time.strftime("%Y-%m-%d %H:%M"),
         headline=[(k, results[k]) for k in headline_keys if results.get(k) is not None],
         results=embedded, **context))

@@ -32,6 +32,7 @@ from metrics import answer_loss, perplexity, plot_loss_curves
 from model_config import (
     attach_lora,
     check_adapter_owner,
+    check_init_adapter,
     load_base,
     refused_pickle,
     resolve_device,
@@ -94,6 +95,7 @@ def _check(cfg: Config) -> None:
     if not cfg.overwrite_output_dir:
         check_adapter_owner(cfg, cfg.lora_dir)
     _check_writable(cfg.run_dir)
+    check_init_adapter(cfg)
     refuse_foreign(cfg.lora_dir)  # now, not after training: the adapter folder is replaced whole at the end
 
 

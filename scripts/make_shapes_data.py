@@ -1,6 +1,7 @@
 """Generate the pixel demo's image set (data/vlm_shapes/): one field only the shapes tell, one colour tells.
 
     python scripts/make_shapes_data.py [--out data/vlm_shapes] [--per_code 20] [--size 96] [--seed 0]
+    python scripts/make_shapes_data.py --folder incoming --per_code 2 --seed 1    new images for the inspection loop
 
 Each image shows one filled shape on a noisy grey background. The file-name prefix is the label code read
 through data/vlm_shapes/label_map.json: digit 1 = shape (circle, square, triangle), digit 2 = colour (red, blue).
@@ -58,16 +59,19 @@ def main(argv=None) -> int:
     p.add_argument("--per_code", type=int, default=20)
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folder", default="images", help="sub-folder of --out for the images")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     root = Path(args.out)
-    out = root / "images"
+    out = root / args.folder
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     for shape in range(len(SHAPES)):
         for colour in range(len(COLOURS)):
             for _ in range(args.per_code):
-                draw(shape, colour, args.size, rng).save(out / f"{shape}{colour}_{n:03d}.png")
+                tag = "" if args.folder == "images" else args.folder
+                name = f"{shape}{colour}_{tag}{n:03d}.png"
+                draw(shape, colour, args.size, rng).save(out / name)
                 n += 1
     label_map = {"mapping_type": "positional",
                  "positions": [{"field": "shape", "map": {str(k): v for k, v in enumerate(SHAPES)}},

@@ -25,6 +25,13 @@ SKIPPED = {
         "82 s; run as this same subprocess by test_vlm.py::test_pixel_demo_reads_shapes_from_the_pixels",
     "python main.py --task evaluate --config configs/demo_vlm_shapes.yaml":
         "run as this same subprocess by test_vlm.py::test_pixel_demo_reads_shapes_from_the_pixels",
+    "python main.py --task serve --config configs/demo_vlm_shapes.yaml --watch_adapter true":
+        "the README's inspection loop, run in order as subprocesses by "
+        "test_inspection_loop.py::test_readme_inspection_loop",
+    "python main.py --task train --config configs/demo_vlm_shapes.yaml --extra_image_dirs "
+    "output/tiny-qwen3-vl-shapes/reviewed --init_adapter output/tiny-qwen3-vl-shapes/lora_model --num_train_epochs 20":
+        "the README's inspection loop (needs the corrections the served queue saved), run as this subprocess by "
+        "test_inspection_loop.py::test_readme_inspection_loop",
     "accelerate launch --config_file configs/accelerate/ddp.yaml main.py --task train":
         "ddp.yaml is a MULTI_GPU config (2 CUDA GPUs); on one GPU it is test_distributed.py's GPU-marked test",
     "torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 main.py --task "

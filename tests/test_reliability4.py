@@ -256,12 +256,15 @@ class _Engine:
         raise self.fail_with
 
 
-def _job(loop):
+def _job(loop, engine):
+    from types import SimpleNamespace
+
     from batching import Job
     from data_loading import Example
     from generation import Row
 
-    return Job(row=Row(example=Example("q", "")), temperature=0.0, top_p=1.0, seed=None, adapter=True,
+    served = SimpleNamespace(name="m", engine=engine, adapter="default")
+    return Job(row=Row(example=Example("q", "")), temperature=0.0, top_p=1.0, seed=None, served=served,
                confidences=False, explicit_max_tokens=False, loop=loop, future=loop.create_future())
 
 
@@ -271,16 +274,17 @@ def test_a_failing_batch_answers_its_request_and_the_thread_goes_on():
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        scheduler = Scheduler(_Engine(ValueError("template refused")), 4, 8)
+        engine = _Engine(ValueError("template refused"))
+        scheduler = Scheduler(4, 8)
         scheduler.start()
-        first = _job(loop)
+        first = _job(loop, engine)
         assert scheduler.submit(first)
         await asyncio.wait_for(first.future, 30)
         assert isinstance(first.error, ValueError) and scheduler.healthy
         # Something no batch should ever raise stops the thread: waiting requests are answered, health says so.
-        scheduler.engine.fail_with = SystemExit("gone")
+        engine.fail_with = SystemExit("gone")
         scheduler.max_batch = 1
-        jobs = [_job(loop) for _ in range(3)]
+        jobs = [_job(loop, engine) for _ in range(3)]
         with scheduler.cond:  # queued together, so two still wait when the first batch kills the thread
             for j in jobs:
                 scheduler.pending.append(j)
@@ -288,7 +292,7 @@ def test_a_failing_batch_answers_its_request_and_the_thread_goes_on():
         await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30)
         assert not scheduler.healthy and "SystemExit" in scheduler.failure
         assert all(isinstance(j.error, ThreadStopped) for j in jobs[1:])
-        assert not scheduler.submit(_job(loop))
+        assert not scheduler.submit(_job(loop, engine))
 
     asyncio.run(scenario())
 

@@ -2,6 +2,7 @@
 to evaluate's, refusals of server-side fetches, and the web page in headless Chromium (Playwright)."""
 
 import base64
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -120,13 +121,21 @@ def _browser():
     return sync_playwright(), exe
 
 
-def test_web_page_uploads_an_image_and_shows_bars(vlm, tmp_path):
-    server, rows, _ = vlm
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A page of headless Chromium at `url` (skips where Chromium is not installed)."""
     pw, exe = _browser()
     with pw as p:
         browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
         page = browser.new_page()
-        page.goto(server.url + "/")
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def test_web_page_uploads_an_image_and_shows_bars(vlm, tmp_path):
+    server, rows, _ = vlm
+    with browser_page(server.url + "/") as page:
         page.wait_for_selector("#inspect:not([hidden])")
         page.set_input_files("#image", rows[0]["file"])
         page.wait_for_selector(".bar-row", timeout=60_000)
@@ -140,4 +149,3 @@ def test_web_page_uploads_an_image_and_shows_bars(vlm, tmp_path):
         page.set_input_files("#image", str(note))
         page.wait_for_selector("#error:not([hidden])", timeout=60_000)
         assert "data:image/" in page.inner_text("#error")
-        browser.close()

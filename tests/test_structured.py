@@ -180,7 +180,8 @@ def test_second_label_map_end_to_end_with_report(models, tmp_path):
     assert (run_dir / "reliability.png").stat().st_size > 5000
     shot, dom = _render(run_dir / "eval_report.html", tmp_path)
     assert shot.stat().st_size > 20000
-    assert f'data-images-loaded="{res["num_samples"] + 1}"' in dom      # every thumbnail + the reliability plot
+    # every thumbnail, the reliability plot and the risk-coverage plot of the review thresholds
+    assert f'data-images-loaded="{res["num_samples"] + 2}"' in dom
     assert dom.count("<tr") >= res["num_samples"] + 4
 
 
