@@ -249,8 +249,12 @@ class Service:
             return out
         model = s.engine.model
         label_map = s.lora_dir / "label_map.json"
-        if s.engine.label_map is not None and label_map.is_file() \
-                and json.loads(label_map.read_text(encoding="utf-8")) != s.engine.label_map:
+        try:
+            other = s.engine.label_map is not None and label_map.is_file() \
+                and json.loads(label_map.read_text(encoding="utf-8")) != s.engine.label_map
+        except (OSError, ValueError) as e:  # a folder being replaced, or a damaged copy
+            return {**out, "error": f"{label_map} is not readable now ({e}); kept the loaded adapter"}
+        if other:
             return {**out, "error": f"the new adapter in {s.lora_dir} was trained with another label map; kept the "
                     "loaded one (restart the server to serve it)"}
         s.loads += 1
@@ -310,6 +314,8 @@ def watch_adapters(service: Service, stop: threading.Event, every: float = 2.0) 
                     service.reload([s.name])
                 except ThreadStopped:
                     return
+                except Exception:  # noqa: BLE001 - the watcher must outlive any one failed reload
+                    logger.exception("reloading %s failed", s.name)
 
 
 def _outcome(job: Job, timeout: float) -> None:
