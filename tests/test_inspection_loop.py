@@ -533,3 +533,28 @@ def test_a_reload_waits_for_the_running_batch_and_the_next_batch_gets_the_new_ad
 
     asyncio.run(scenario())
     assert seen == [("batch", "old"), ("end", "old"), ("reload", "old"), ("batch", "new"), ("end", "new")]
+
+
+def test_a_full_disk_costs_the_queue_place_not_the_answer(tmp_path, monkeypatch, caplog):
+    import errno
+    from types import SimpleNamespace
+
+    from openai_api import parse_request
+    from serve import Service
+
+    q, _ = _queue(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("review_queue.atomic_write_bytes", full)
+    notes = {"needs_review": True, "parsed": {"shape": "circle", "colour": "red"}, "review_fields": ["shape"],
+             "field_confidence": {"shape": 0.4, "colour": 0.9}, "confidence": 0.36}
+    job = SimpleNamespace(served=SimpleNamespace(queue=q), notes=notes)
+    req = parse_request({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _url(INCOMING / "00_incoming000.png")}}]}]})
+    service = Service.__new__(Service)   # only what queue_for_review reads
+    service.image_folder = None
+    service.queue_for_review(req, job)
+    assert notes["review_id"] is None and not q.waiting()
+    assert "could not queue an answer for review" in caplog.text and "No space left" in caplog.text
