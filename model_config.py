@@ -369,9 +369,9 @@ def check_init_adapter(cfg: Config) -> None:
 
 
 def _from_adapter(peft_model, model, cfg: Config):
-    """The saved adapter at init_adapter, trainable: the retraining of a served adapter on corrections."""
+    """The saved adapter at init_adapter, trainable: the retraining of a served adapter on corrections
+    (check_init_adapter ran before the data and model were read)."""
     folder = Path(cfg.init_adapter)
-    check_init_adapter(cfg)
     saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     for key, name in (("lora_r", "r"), ("lora_alpha", "lora_alpha")):
         if key in getattr(cfg, "cli_keys", ()) and saved.get(name) != getattr(cfg, key):

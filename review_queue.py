@@ -34,6 +34,11 @@ MEDIA = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".bmp
          ".gif": "image/gif", ".tif": "image/tiff"}
 
 
+def least_confident_first(item: dict) -> tuple:
+    """The queue's order: answers without a confidence, then the least confident, the oldest first on ties."""
+    return item.get("confidence") is not None, item.get("confidence") or 0, item.get("created", 0)
+
+
 class ReviewError(ValueError):
     """A review request that cannot be done: `status` 404 (no such item) or 400 (values the label map lacks)."""
 
@@ -101,7 +106,7 @@ class ReviewQueue:
                  and i["id"] == p.stem]
         for i in items:  # queued under another name (an earlier server of this run): listed under today's
             i["model"] = self.model
-        return sorted(items, key=lambda i: (i.get("confidence") is not None, i.get("confidence") or 0, i["created"]))
+        return sorted(items, key=least_confident_first)
 
     def add(self, raw: bytes, answer: dict, field_confidence: dict, confidence: float | None,
             review_fields: list[str]) -> str | None:

@@ -58,7 +58,7 @@ from openai_api import (
     single_image,
     to_example,
 )
-from review_queue import ReviewError, ReviewQueue
+from review_queue import ReviewError, ReviewQueue, least_confident_first
 from structured import json_span, label_schema
 
 logger = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ def build_app(service: Service):
         limit = max(1, min(limit, 1000))
         queues = [q for q in service.queues() if model is None or q.model == model]
         waiting = await asyncio.to_thread(lambda: [i for q in queues for i in q.waiting()])
-        items = sorted(waiting, key=lambda i: (i.get("confidence") is not None, i.get("confidence") or 0))
+        items = sorted(waiting, key=least_confident_first)  # several runs' queues in one list
         return {"object": "list", "total": len(items),
                 "data": [{**{k: i[k] for k in ("id", "model", "created", "answer", "field_confidence",
                                                "confidence", "review_fields")},
@@ -485,11 +485,7 @@ def build_app(service: Service):
     def prepare(raw: bytes, loop) -> tuple[ChatRequest, Job, str]:
         """JSON, validation, images and the prompt's tokens: on a request thread, neither on the event loop
         nor on the generation thread."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise ApiError(400, "the request body is not valid JSON (UTF-8)") from None
-        req = parse_request(body)
+        req = parse_request(_parse_json(raw))
         return req, *service.job(req, loop)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized), Depends(json_body)])
@@ -545,14 +541,17 @@ def build_app(service: Service):
     return _BodyLimit(app, int(cfg.max_request_mb * 2**20))
 
 
-async def _json(request: Request):
-    raw = await request.body()
-    if not raw.strip():
-        return {}
+def _parse_json(raw: bytes):
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "the request body is not valid JSON (UTF-8)") from None
+
+
+async def _json(request: Request):
+    """A small JSON body (reload, review); an empty one is {}."""
+    raw = await request.body()
+    return _parse_json(raw) if raw.strip() else {}
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
