@@ -3,13 +3,13 @@
     python main.py --task serve        every chat completion is a Job in this queue
 
 Requests that arrive while a batch runs wait (up to max_queue of them; more are refused at once, and the
-server answers 503 with Retry-After); when the batch ends, the worker takes the oldest waiting request and
-every other waiting one with the same sampling settings and the same model (adapter, or the base without one),
-up to per_device_eval_batch_size, into one generate() call: a batch never mixes adapters. Work that changes the
-model (an adapter reload) is a call() run on the same thread between batches, so a running batch finishes on
-the adapter it started with. Each row still ends on its own (max_tokens, stop strings, deadline, a client that
-left). transformers' generate() cannot add rows to a running batch, so batches form between calls (no
-continuous batching; vLLM/SGLang do that, README: Serving).
+server answers 503 with Retry-After; one still waiting at its deadline is answered 504 then); when the batch
+ends, the worker takes the oldest waiting request and every other waiting one with the same sampling settings
+and the same model (adapter, or the base without one), up to per_device_eval_batch_size, into one generate()
+call: a batch never mixes adapters. Work that changes the model (an adapter reload) is a call() run on the same
+thread between batches, so a running batch finishes on the adapter it started with. Each row still ends on its
+own (max_tokens, stop strings, deadline, a client that left). transformers' generate() cannot add rows to a
+running batch, so batches form between calls (no continuous batching; vLLM/SGLang do that, README: Serving).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 _unique = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds and removes it by identity
 class Job:
     row: Row
     temperature: float
@@ -91,7 +91,20 @@ class Scheduler:
                 return False
             self.pending.append(job)
             self.cond.notify()
-            return True
+        if job.row.deadline != float("inf"):
+            delay = max(0.0, job.row.deadline - time.monotonic())
+            job.loop.call_soon_threadsafe(lambda: job.loop.call_later(delay, self.expire, job))
+        return True
+
+    def expire(self, job: Job) -> None:
+        """A request still waiting when its deadline passes is answered now (504), not when its turn comes; one
+        that is running stops at its next token (generation checks the deadline)."""
+        with self.cond:
+            if job not in self.pending:
+                return
+            self.pending.remove(job)
+        job.row.finish_reason = "timeout"
+        job.resolve()
 
     def call(self, fn):
         """Run fn() on the generation thread before the next batch; a concurrent Future of its result."""

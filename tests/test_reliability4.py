@@ -297,6 +297,43 @@ def test_a_failing_batch_answers_its_request_and_the_thread_goes_on():
     asyncio.run(scenario())
 
 
+def test_a_request_waiting_past_its_deadline_is_answered_then_not_when_its_turn_comes():
+    from batching import Scheduler
+
+    class Blocking:
+        def __init__(self):
+            self.release, self.seen = threading.Event(), []
+
+        def generate_rows(self, rows, **kw):
+            self.seen.extend(rows)
+            assert self.release.wait(30)
+            for row in rows:
+                row.finish_reason = "stop"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        engine, scheduler = Blocking(), Scheduler(1, 8)
+        scheduler.start()
+        try:
+            running, waiting = _job(loop, engine), _job(loop, engine)
+            assert scheduler.submit(running)
+            while not engine.seen:  # the first request holds the generation thread
+                await asyncio.sleep(0.01)
+            waiting.row.deadline = time.monotonic() + 0.3
+            started = time.monotonic()
+            assert scheduler.submit(waiting)
+            await asyncio.wait_for(waiting.future, 10)
+            assert waiting.row.finish_reason == "timeout" and time.monotonic() - started < 5
+            assert not running.future.done() and waiting not in scheduler.pending
+        finally:
+            engine.release.set()
+        await asyncio.wait_for(running.future, 30)
+        assert running.row.finish_reason == "stop" and engine.seen == [running.row]  # the expired one never ran
+        scheduler.stop()
+
+    asyncio.run(scenario())
+
+
 def test_requests_are_encoded_once_and_off_the_generation_thread(models, monkeypatch):
     """A VLM request: its prompt and image are processed once (for generation and confidences together), by the
     request's thread; the generation thread only pads the batch."""

@@ -18,6 +18,9 @@ TRAIN = json.loads((ROOT / "data/llm/train.json").read_text(encoding="utf-8"))
 # A request that cannot end early: the grammar allows no end before 1500 characters.
 LONG = {"temperature": 1.0, "seed": 1, "response_format": {"type": "json_schema", "json_schema": {
     "name": "long", "schema": {"type": "string", "minLength": 1500}}}}
+# One that runs to its max_tokens (up to 2000): the tiny tokenizer's longest token has 10 characters.
+ENDLESS = {**LONG, "response_format": {"type": "json_schema", "json_schema": {
+    "name": "endless", "schema": {"type": "string", "minLength": 20000}}}}
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +198,7 @@ def test_client_leaving_mid_stream_cancels_its_generation(llm):
     server, answers, _, _ = llm
     before = server.health()["cancelled"]
     request = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "写一首长诗"}], "stream": True,
-               "max_tokens": 1500, **LONG}
+               "max_tokens": 2000, **ENDLESS}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=request, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -203,7 +206,7 @@ def test_client_leaving_mid_stream_cancels_its_generation(llm):
         assert any('"content"' in line for line in got)
     started = time.monotonic()
     assert _wait_for(lambda: server.health()["cancelled"] == before + 1 and server.health()["running"] == 0)
-    assert time.monotonic() - started < 3          # 1500 tokens would take several seconds more
+    assert time.monotonic() - started < 3          # 2000 tokens would take several seconds more
     reply = _ask(server.client(), TRAIN[0]["text"], max_tokens=64)
     assert reply.choices[0].message.content == answers["tuned"][0]
 
@@ -282,12 +285,21 @@ def test_sigterm_drains_in_flight_and_exits_zero_and_api_key(llm):
             server.client(api_key="wrong", max_retries=0).models.list()
         client = server.client(api_key="s3cret")
         assert len(client.models.list().data) == 2
-        # Past request_timeout: 504 in OpenAI's layout, and the row stops (2000 tokens take over 4 s here).
+        # Past request_timeout: 504 in OpenAI's layout, at the deadline, whether the request is running or still
+        # waiting. Seeded requests run one at a time, so the last of these four waits behind three others that
+        # cannot end before 2000 tokens each (8000 tokens in 2 s would be some 8 times this machine's speed).
+        endless = {"messages": [{"role": "user", "content": "写"}], "max_tokens": 2000, **ENDLESS}
         started = time.monotonic()
-        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer s3cret"}, timeout=120,
-                       json={"messages": [{"role": "user", "content": "写"}], "max_tokens": 2000, **LONG})
-        assert r.status_code == 504 and "request_timeout=2" in r.json()["error"]["message"]
-        assert time.monotonic() - started < 4
+        with cf.ThreadPoolExecutor(4) as pool:
+            ahead = [pool.submit(httpx.post, server.url + "/v1/chat/completions", json=endless, timeout=120,
+                                 headers={"Authorization": "Bearer s3cret"}) for _ in range(3)]
+            time.sleep(0.3)
+            r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": "Bearer s3cret"},
+                           timeout=120, json=endless)
+            assert r.status_code == 504 and "request_timeout=2" in r.json()["error"]["message"]
+            assert time.monotonic() - started < 4
+            for f in ahead:
+                f.result()
         # A long stream in flight when SIGTERM arrives still ends with [DONE]; then the process exits 0.
         request = {"model": "tiny-qwen3", "messages": [{"role": "user", "content": "写"}], "stream": True,
                    "max_tokens": 100, **LONG}
