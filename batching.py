@@ -93,7 +93,12 @@ class Scheduler:
             self.cond.notify()
         if job.row.deadline != float("inf"):
             delay = max(0.0, job.row.deadline - time.monotonic())
-            job.loop.call_soon_threadsafe(lambda: job.loop.call_later(delay, self.expire, job))
+
+            def arm():  # on the job's event loop; the timer goes when the job ends, not request_timeout later
+                timer = job.loop.call_later(delay, self.expire, job)
+                job.future.add_done_callback(lambda _: timer.cancel())
+
+            job.loop.call_soon_threadsafe(arm)
         return True
 
     def expire(self, job: Job) -> None:

@@ -316,6 +316,7 @@ def test_a_request_waiting_past_its_deadline_is_answered_then_not_when_its_turn_
         scheduler.start()
         try:
             running, waiting = _job(loop, engine), _job(loop, engine)
+            running.row.deadline = time.monotonic() + 300
             assert scheduler.submit(running)
             while not engine.seen:  # the first request holds the generation thread
                 await asyncio.sleep(0.01)
@@ -329,6 +330,9 @@ def test_a_request_waiting_past_its_deadline_is_answered_then_not_when_its_turn_
             engine.release.set()
         await asyncio.wait_for(running.future, 30)
         assert running.row.finish_reason == "stop" and engine.seen == [running.row]  # the expired one never ran
+        await asyncio.sleep(0)
+        # no timer outlives its job (each would hold its request, images included, for request_timeout)
+        assert not [h for h in loop._scheduled if not h.cancelled()]
         scheduler.stop()
 
     asyncio.run(scenario())
